@@ -1,0 +1,1 @@
+"""Thin async client library for snaprag, plus the command-line client."""

@@ -1,0 +1,107 @@
+"""Server lifecycle: load and warm everything, then serve; drain on SIGTERM/SIGINT.
+
+Health (grpc.health.v1) reports NOT_SERVING until the knowledge bases, indexes and fallback rules are
+loaded and one request of each kind has run end to end (warm-up), and again while draining.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import time
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from server.config import Config
+from server.fallback import RobotSituation
+from server.pipeline.answer import AnswerRequest
+from server.proto import SERVICE_NAME
+from server.runtime import Runtime, build_runtime
+from server.servicer import AssistantService
+
+log = logging.getLogger("snaprag")
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    service: AssistantService
+    health: health.aio.HealthServicer
+    address: str
+    port: int
+    owns_runtime: bool = True
+
+    async def stop(self, grace_s: float) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace_s)
+        if self.owns_runtime:
+            self.service.rt.close()
+
+
+async def warm_up(svc: AssistantService) -> float:
+    """One request of each kind through the real pipelines, so the first caller pays no cold start."""
+    t0 = time.perf_counter()
+    voice = svc.rt.cfg.profiles["voice"]
+    async for _ in svc.answers.run(AnswerRequest(query="how do i reset my smart plug", profile=voice)):
+        pass
+    await svc.plans.run(RobotSituation(robot_id="amr-001", fault_code="E302", state="obstacle ahead"),
+                        svc.rt.cfg.profiles["robot"], None)
+    return time.perf_counter() - t0
+
+
+async def start_server(cfg: Config, runtime: Runtime | None = None) -> RunningServer:
+    """Build (unless given), bind, warm up, then flip health to SERVING. Used by `serve` and the tests."""
+    opts = [("grpc.max_receive_message_length", cfg.server.max_message_bytes),
+            ("grpc.max_send_message_length", cfg.server.max_message_bytes),
+            ("grpc.so_reuseport", 0)]
+    server = grpc.aio.server(options=opts)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    port = server.add_insecure_port(f"{cfg.server.host}:{cfg.server.port}")
+    if port == 0:
+        raise OSError(f"could not bind {cfg.server.host}:{cfg.server.port} (in use?); pick another with --port")
+    rt = runtime if runtime is not None else await asyncio.get_running_loop().run_in_executor(None, build_runtime, cfg)
+    service = AssistantService(rt)
+    server.add_generic_rpc_handlers((service.handlers(),))
+    if cfg.server.reflection:
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    await server.start()
+    service.ready = True
+    warm_s = await warm_up(service)
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    host = cfg.server.host if ":" not in cfg.server.host else f"[{cfg.server.host}]"
+    log.info("warm-up done in %.0f ms", warm_s * 1000)
+    return RunningServer(server, service, health_servicer, f"{host}:{port}", port, owns_runtime=runtime is None)
+
+
+async def serve(cfg: Config) -> None:
+    running = await start_server(cfg)
+    print(f"snaprag serving on {running.address}  ({len(running.service.rt.kb)} passages, health SERVING)", flush=True)
+    print(f"  try:  .venv/bin/snaprag ask --target {running.address} \"how do i reset my smart plug\"", flush=True)
+    print(f"        .venv/bin/snaprag plan --target {running.address} --robot fl-004 --fault E202 --loaded",
+          flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    print("snaprag: draining (health NOT_SERVING, finishing in-flight calls)", file=sys.stderr, flush=True)
+    await running.stop(cfg.server.shutdown_grace_s)
+
+
+def run_forever(cfg: Config) -> None:
+    import uvloop
+
+    logging.basicConfig(level=cfg.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    uvloop.run(serve(cfg))

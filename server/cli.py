@@ -1,0 +1,226 @@
+"""`snaprag`: run the server, and talk to one.
+
+    snaprag serve                      serve the embedded knowledge bases (what `make run` does)
+    snaprag ask "question"             stream a spoken answer
+    snaprag converse "question"        the same question as ASR partials over the Converse stream
+    snaprag plan --robot fl-004 --fault E202 --loaded
+    snaprag retrieve "question" -k 5
+    snaprag health                     the grpc.health.v1 status
+    snaprag config                     the effective configuration, every knob and its value
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="snaprag", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("serve", help="run the gRPC server on the embedded knowledge bases")
+    s.add_argument("--config", help="TOML config file (default: snaprag.toml at the repo root)")
+    s.add_argument("--host", help="bind address (server.host)")
+    s.add_argument("--port", type=int, help="port, 0 = any free one (server.port)")
+    s.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override any config field, e.g. --set profiles.robot.total_ms=120 (repeatable)")
+
+    c = sub.add_parser("config", help="print the effective configuration as JSON")
+    c.add_argument("--config")
+    c.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+
+    def client(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--target", default=DEFAULT_TARGET, help=f"server address (default {DEFAULT_TARGET})")
+        p.add_argument("--timeout", type=float, default=5.0, help="call deadline in seconds (default 5)")
+        p.add_argument("--json", action="store_true", help="print the raw response as JSON")
+
+    a = sub.add_parser("ask", help="ask a question; prints the answer sentence by sentence")
+    a.add_argument("query")
+    a.add_argument("--profile", default="")
+    a.add_argument("--intent", action="append", default=[], help="pre-filter on intent (repeatable)")
+    a.add_argument("--domain", action="append", default=[], help="pre-filter on domain (repeatable)")
+    client(a)
+
+    v = sub.add_parser("converse", help="send a question as ASR partials (word by word), then the final")
+    v.add_argument("query")
+    v.add_argument("--word-ms", type=float, default=150.0, help="delay between partials (default 150 ms)")
+    client(v)
+
+    p = sub.add_parser("plan", help="ask for a robot recovery / task plan")
+    p.add_argument("--robot", required=True, help="robot id, e.g. amr-017, fl-004, pk-002")
+    p.add_argument("--fault", default="", help="fault code, e.g. E202")
+    p.add_argument("--task", default="")
+    p.add_argument("--state", default="")
+    p.add_argument("--location", default="")
+    p.add_argument("--loaded", action="store_true", help="the robot is carrying a load")
+    p.add_argument("--battery", type=float, help="battery state of charge, percent")
+    p.add_argument("--profile", default="")
+    client(p)
+
+    r = sub.add_parser("retrieve", help="hybrid retrieval only")
+    r.add_argument("query")
+    r.add_argument("-k", type=int, default=0, help="passages to return (1..100; default: the profile's)")
+    r.add_argument("--intent", action="append", default=[])
+    r.add_argument("--domain", action="append", default=[])
+    r.add_argument("--locale", action="append", default=[])
+    client(r)
+
+    h = sub.add_parser("health", help="grpc.health.v1 status of the server")
+    client(h)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command in ("serve", "config"):
+        from server.config import ConfigError, describe, load_config
+
+        overrides = list(args.set)
+        if args.command == "serve":
+            if args.host:
+                overrides.append(f"server.host={json.dumps(args.host)}")
+            if args.port is not None:
+                overrides.append(f"server.port={args.port}")
+        try:
+            cfg = load_config(args.config, overrides=overrides)
+        except ConfigError as e:
+            print(f"snaprag: config error: {e}", file=sys.stderr)
+            return 2
+        if args.command == "config":
+            print(json.dumps(describe(cfg), indent=2))
+            return 0
+        from server.app import run_forever
+
+        try:
+            run_forever(cfg)
+        except KeyboardInterrupt:
+            pass
+        except (OSError, ValueError) as e:
+            print(f"snaprag: cannot start: {e}", file=sys.stderr)
+            return 1
+        return 0
+    try:
+        return asyncio.run(_client_command(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+async def _client_command(args: argparse.Namespace) -> int:
+    import grpc
+    from google.protobuf.json_format import MessageToDict
+
+    from clients.assistant import AssistantClient, session_start, transcript
+    from server.proto import pb
+
+    def dump(msg: Any) -> None:
+        print(json.dumps(MessageToDict(msg, preserving_proto_field_name=True), indent=2))
+
+    async with AssistantClient(args.target, timeout_s=args.timeout, retries=0) as c:
+        try:
+            if args.command == "health":
+                from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+                resp = await health_pb2_grpc.HealthStub(c.channel).Check(health_pb2.HealthCheckRequest(),
+                                                                          timeout=args.timeout)
+                print(health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status))
+                return 0 if resp.status == health_pb2.HealthCheckResponse.SERVING else 1
+            if args.command == "plan":
+                t0 = time.perf_counter()
+                plan = await c.plan(args.robot, task=args.task, fault_code=args.fault, state=args.state,
+                                    location=args.location, carrying_load=args.loaded, battery_pct=args.battery,
+                                    profile=args.profile)
+                wall = (time.perf_counter() - t0) * 1000
+                if args.json:
+                    dump(plan)
+                else:
+                    _print_plan(plan, wall, pb)
+                return 0
+            if args.command == "retrieve":
+                filters = {k: v for k, v in (("intent", args.intent), ("domain", args.domain),
+                                             ("locale", args.locale)) if v}
+                resp = await c.retrieve(args.query, k=args.k, filters=filters)
+                if args.json:
+                    dump(resp)
+                else:
+                    for sp in resp.passages:
+                        print(f"{sp.rank:>3}. {sp.score:7.3f}  {sp.passage.id:<36} {sp.passage.text[:90]}")
+                    _print_timings(resp.timings, resp.total_ms)
+                return 0
+            if args.command == "ask":
+                filters = {k: v for k, v in (("intent", args.intent), ("domain", args.domain)) if v}
+                t0 = time.perf_counter()
+                async for ev in c.ask_stream(args.query, profile=args.profile, filters=filters):
+                    _print_event(ev, t0, pb, args.json, dump)
+                return 0
+            if args.command == "converse":
+                t0 = [time.perf_counter()]
+
+                async def requests() -> Any:
+                    yield session_start()
+                    words = args.query.split()
+                    for i in range(1, len(words)):
+                        yield transcript(" ".join(words[:i]), is_final=False, sequence=i, stability=0.9)
+                        await asyncio.sleep(args.word_ms / 1000)
+                    t0[0] = time.perf_counter()
+                    yield transcript(args.query, is_final=True, sequence=len(words) + 1, stability=1.0)
+
+                async for ev in c.converse(requests()):
+                    _print_event(ev, t0[0], pb, args.json, dump)
+                return 0
+        except grpc.aio.AioRpcError as e:
+            print(f"snaprag: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    return 2
+
+
+def _print_event(ev: Any, t0: float, pb: Any, as_json: bool, dump: Any) -> None:
+    if as_json:
+        dump(ev)
+        return
+    kind = ev.WhichOneof("event")
+    ms = (time.perf_counter() - t0) * 1000
+    if kind == "chunk":
+        marks = "".join(f" [{m}]" for m in ev.chunk.citation_markers)
+        print(f"[{ms:6.1f} ms] {ev.chunk.text}{marks}", flush=True)
+    elif kind == "citations":
+        for cit in ev.citations.citations:
+            print(f"             [{cit.marker}] {cit.source} ({cit.passage_id})")
+    elif kind == "final":
+        f = ev.final
+        print(f"mode={pb.ServingMode.Name(f.mode)} generator={f.generator} first_chunk={f.first_chunk_ms:.1f} ms "
+              f"total={f.total_ms:.1f} ms{' early-retrieval' if f.early_retrieval_used else ''}"
+              f"{' reason=' + repr(f.reason) if f.reason else ''}")
+        _print_timings(f.timings, None)
+
+
+def _print_timings(timings: Any, total_ms: float | None) -> None:
+    from server.proto import pb
+
+    parts = [f"{t.stage}={t.elapsed_ms:.2f}ms/{t.budget_ms:.0f}ms {pb.StageOutcome.Name(t.outcome)}"
+             + (f" ({t.detail})" if t.detail else "") for t in timings]
+    print("stages: " + "; ".join(parts) + (f"; total={total_ms:.2f} ms" if total_ms is not None else ""))
+
+
+def _print_plan(plan: Any, wall_ms: float, pb: Any) -> None:
+    print(f"plan for robot: source={pb.PlanSource.Name(plan.source)} mode={pb.ServingMode.Name(plan.mode)}"
+          f"{' rule=' + plan.rule_id if plan.rule_id else ''}")
+    print(f"reason: {plan.reason}")
+    for i, step in enumerate(plan.steps, 1):
+        params = ", ".join(f"{k}={getattr(v, v.WhichOneof('kind'))!r}" for k, v in sorted(step.params.items()))
+        print(f"  {i}. {step.action}({params})")
+    for c in plan.citations:
+        print(f"  [{c.marker}] {c.source} ({c.passage_id})")
+    _print_timings(plan.timings, plan.total_ms)
+    print(f"client round trip: {wall_ms:.2f} ms")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

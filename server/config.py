@@ -1,0 +1,322 @@
+"""Typed configuration: every knob of the server, in one place.
+
+Loaded from a TOML file (default: `snaprag.toml` at the repo root), then overridden by environment
+variables `SNAPRAG__<SECTION>__<FIELD>` (e.g. `SNAPRAG__SERVER__PORT=6000`), then by CLI
+`--set section.field=value`. Each field's docstring is the documentation; `snaprag config` prints the
+effective values. Cross-field checks live in `Config.validate`, the one place they happen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG_PATH = REPO_ROOT / "snaprag.toml"
+ENV_PREFIX = "SNAPRAG__"
+
+
+class ConfigError(ValueError):
+    """A config file, env override or --set value is wrong; the message names the key and the fix."""
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    """Address to bind. Use 0.0.0.0 to serve other machines."""
+    port: int = 50051
+    """TCP port; 0 picks a free one (the chosen address is printed at startup)."""
+    cpu_workers: int = 2
+    """Threads for CPU-bound stage work (BM25 scoring, ONNX, local decoding) kept off the event loop.
+    The native code releases the GIL, so one per core is the right default."""
+    max_message_bytes: int = 1 << 20
+    """Largest request or response message accepted on the wire."""
+    reflection: bool = True
+    """Serve gRPC server reflection so grpcurl-style clients can discover the API."""
+    shutdown_grace_s: float = 5.0
+    """On SIGTERM/SIGINT: health goes NOT_SERVING, in-flight calls get this long to finish."""
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    """Log level of the server process."""
+
+
+@dataclass
+class ProfileConfig:
+    """Latency budgets of one traffic profile, in milliseconds. A request's absolute deadline is the
+    smaller of its gRPC deadline and `total_ms`; each stage runs under min(its budget, time left)."""
+
+    total_ms: float = 800.0
+    """End-to-end budget when the client sets no tighter deadline."""
+    retrieve_ms: float = 120.0
+    """Hybrid retrieval (mandatory: a miss hands over to the fallback planner)."""
+    rerank_ms: float = 80.0
+    """Cross-encoder rerank (optional: a miss keeps the fused order)."""
+    first_token_ms: float = 300.0
+    """Generation: time to the first generated token (mandatory)."""
+    first_chunk_ms: float = 800.0
+    """Voice: time from the final transcript to the first spoken answer chunk."""
+    plan_ms: float = 40.0
+    """Robots: choosing and validating a plan from the retrieved procedures."""
+    fallback_reserve_ms: float = 5.0
+    """Time kept back from every stage so the fallback planner always answers inside the deadline."""
+    default_k: int = 5
+    """Passages retrieved when the request does not say."""
+
+
+def _voice_profile() -> ProfileConfig:
+    return ProfileConfig(total_ms=800.0, retrieve_ms=120.0, rerank_ms=80.0, first_token_ms=300.0,
+                         first_chunk_ms=800.0, plan_ms=40.0, fallback_reserve_ms=10.0, default_k=5)
+
+
+def _robot_profile() -> ProfileConfig:
+    return ProfileConfig(total_ms=150.0, retrieve_ms=60.0, rerank_ms=30.0, first_token_ms=40.0,
+                         first_chunk_ms=150.0, plan_ms=40.0, fallback_reserve_ms=5.0, default_k=5)
+
+
+@dataclass
+class KnowledgeBaseConfig:
+    paths: list[str] = field(default_factory=lambda: ["data/kb/voice", "data/kb/warehouse"])
+    """Knowledge-base folders (relative to the repo root or absolute). Each holds passages*.jsonl."""
+
+
+@dataclass
+class TokenizerConfig:
+    lowercase: bool = True
+    """Fold case before matching."""
+    stopwords: bool = True
+    """Drop common English function words (the list in server/retrieval/text.py)."""
+    stem: bool = True
+    """Light suffix stemming (plural/-ing/-ed) so "resetting" matches "reset"."""
+
+
+@dataclass
+class Bm25Config:
+    k1: float = 1.5
+    """Term-frequency saturation (rank_bm25.BM25Okapi default)."""
+    b: float = 0.75
+    """Length normalisation (rank_bm25.BM25Okapi default)."""
+    epsilon: float = 0.25
+    """Floor for negative IDF, as a fraction of the mean IDF (rank_bm25.BM25Okapi)."""
+
+
+@dataclass
+class RetrievalConfig:
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    """Shared by index and query."""
+    bm25: Bm25Config = field(default_factory=Bm25Config)
+    """Sparse scoring parameters."""
+    apply_confidence: bool = True
+    """Multiply each passage's score by its confidence weight."""
+    max_k: int = 100
+    """Largest k a caller may ask for."""
+
+
+@dataclass
+class RerankConfig:
+    enabled: bool = False
+    """Cross-encoder rerank. Off until a trained model proves it beats the fused order."""
+
+
+@dataclass
+class GenerationConfig:
+    backend: Literal["extractive"] = "extractive"
+    """Answer generator. `extractive` builds a spoken answer from the top passages' best sentences."""
+    max_sentences: int = 3
+    """Most sentences in a spoken answer."""
+    max_passages: int = 3
+    """Most passages an answer draws on (and cites)."""
+    min_support: float = 0.2
+    """Smallest share of the query's content words a sentence must contain to be spoken."""
+
+
+@dataclass
+class VoiceConfig:
+    early_retrieval_stability: float = 0.8
+    """A partial transcript at or above this ASR stability starts retrieval before the final one."""
+    early_retrieval_min_words: int = 3
+    """...and only once it has at least this many words."""
+    reuse_min_overlap: float = 0.8
+    """The final transcript reuses early retrieval when the two share this fraction of their content
+    words (Jaccard); otherwise it retrieves again."""
+    max_utterances: int = 64
+    """Most utterances one Converse stream may carry."""
+
+
+@dataclass
+class RequestLimits:
+    max_query_chars: int = 2000
+    """Longest query (after trimming) accepted."""
+    max_id_chars: int = 64
+    """Longest robot id, session id or device id accepted."""
+    max_text_chars: int = 2000
+    """Longest task / state / location text accepted."""
+
+
+@dataclass
+class FallbackConfig:
+    rules_path: str = "data/fallback/rules.toml"
+    """Rules of the deterministic fallback planner."""
+    actions_path: str = "data/kb/warehouse/actions.json"
+    """The robot action vocabulary every plan is validated against."""
+    fault_codes_path: str = "data/kb/warehouse/fault_codes.json"
+    """Fault codes with their severity."""
+
+
+@dataclass
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    profiles: dict[str, ProfileConfig] = field(
+        default_factory=lambda: {"voice": _voice_profile(), "robot": _robot_profile()})
+    """Budget profiles by name. Ask/Converse/Retrieve default to `voice`, Plan to `robot`."""
+    knowledge_base: KnowledgeBaseConfig = field(default_factory=KnowledgeBaseConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    rerank: RerankConfig = field(default_factory=RerankConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    voice: VoiceConfig = field(default_factory=VoiceConfig)
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    fallback: FallbackConfig = field(default_factory=FallbackConfig)
+
+    def validate(self) -> Config:
+        """Cross-field checks, all here. Raises ConfigError naming the key."""
+        for name in ("voice", "robot"):
+            if name not in self.profiles:
+                raise ConfigError(f"profiles.{name}: missing; the server needs the '{name}' profile")
+        for name, p in self.profiles.items():
+            for f in dataclasses.fields(p):
+                value = getattr(p, f.name)
+                if isinstance(value, float) and value < 0:
+                    raise ConfigError(f"profiles.{name}.{f.name}: must be >= 0, got {value}")
+            if p.fallback_reserve_ms >= p.total_ms:
+                raise ConfigError(f"profiles.{name}.fallback_reserve_ms ({p.fallback_reserve_ms}) must be "
+                                  f"below total_ms ({p.total_ms})")
+            if not 1 <= p.default_k <= self.retrieval.max_k:
+                raise ConfigError(f"profiles.{name}.default_k: must be in 1..{self.retrieval.max_k}")
+        if not 0 <= self.server.port <= 65535:
+            raise ConfigError(f"server.port: must be in 0..65535, got {self.server.port}")
+        if self.server.cpu_workers < 1:
+            raise ConfigError("server.cpu_workers: must be >= 1")
+        if not self.knowledge_base.paths:
+            raise ConfigError("knowledge_base.paths: at least one knowledge-base folder is needed")
+        if not 0.0 <= self.voice.early_retrieval_stability <= 1.0:
+            raise ConfigError("voice.early_retrieval_stability: must be in [0, 1]")
+        return self
+
+    def resolve_path(self, path: str) -> Path:
+        p = Path(path)
+        return p if p.is_absolute() else REPO_ROOT / p
+
+
+def load_config(path: Path | str | None = None, *, env: Mapping[str, str] | None = None,
+                overrides: Iterable[str] = ()) -> Config:
+    """File, then env (`SNAPRAG__SECTION__FIELD`), then `section.field=value` overrides."""
+    cfg = Config()
+    file = Path(path) if path is not None else DEFAULT_CONFIG_PATH
+    if path is not None and not file.exists():
+        raise ConfigError(f"config file {file} does not exist")
+    if file.exists():
+        try:
+            data = tomllib.loads(file.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{file}: not valid TOML: {e}") from e
+        _merge(cfg, data, prefix="")
+    env = os.environ if env is None else env
+    for key, value in sorted(env.items()):
+        if key.startswith(ENV_PREFIX):
+            dotted = ".".join(part.lower() for part in key[len(ENV_PREFIX):].split("__"))
+            _set_dotted(cfg, dotted, value, origin=f"env {key}")
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected section.field=value")
+        dotted, value = item.split("=", 1)
+        _set_dotted(cfg, dotted.strip(), value.strip(), origin=f"--set {item}")
+    return cfg.validate()
+
+
+def _merge(obj: Any, data: Mapping[str, Any], prefix: str) -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in data.items():
+        where = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"{where}: unknown key; valid keys here: {', '.join(sorted(names))}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{where}: expected a table")
+            _merge(current, value, prefix=f"{where}.")
+        elif key == "profiles" and isinstance(obj, Config):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{where}: expected a table of profiles")
+            for name, table in value.items():
+                base = current.get(name) or ProfileConfig()
+                _merge(base, table, prefix=f"{where}.{name}.")
+                current[name] = base
+        else:
+            setattr(obj, key, _coerce(value, hints[key], where))
+
+
+def _set_dotted(cfg: Config, dotted: str, raw: str, origin: str) -> None:
+    parts = dotted.split(".")
+    obj: Any = cfg
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(obj, dict):
+            if part not in obj:
+                raise ConfigError(f"{origin}: unknown profile '{part}'; known: {', '.join(sorted(obj))}")
+            obj = obj[part]
+            continue
+        if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)}:
+            raise ConfigError(f"{origin}: unknown key '{'.'.join(parts[:i + 1])}'")
+        obj = getattr(obj, part)
+    leaf = parts[-1]
+    if not dataclasses.is_dataclass(obj) or leaf not in {f.name for f in dataclasses.fields(obj)}:
+        raise ConfigError(f"{origin}: unknown key '{dotted}'")
+    hint = typing.get_type_hints(type(obj))[leaf]
+    setattr(obj, leaf, _coerce(_parse_scalar(raw), hint, dotted))
+
+
+def _parse_scalar(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw  # a bare string
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, choices))}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (inner,) = typing.get_args(hint)
+        return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+    raise ConfigError(f"{where}: cannot set a value of type {hint}")
+
+
+def describe(cfg: Config) -> dict[str, Any]:
+    """The effective config as plain data (for `snaprag config` and the startup log)."""
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,104 @@
+"""Domain errors and the one mapper from them to gRPC status codes.
+
+    SnapragError                      base; never escapes a servicer as UNKNOWN
+    ├── InvalidArgument(field, msg)   INVALID_ARGUMENT: the caller can fix the request
+    ├── DeadlineExpired               DEADLINE_EXCEEDED: no time left to even start
+    ├── FailedPrecondition            FAILED_PRECONDITION: valid request this server is not set up for
+    ├── ResourceExhausted             RESOURCE_EXHAUSTED: overloaded, retry later
+    └── Unavailable                   UNAVAILABLE: not ready (warming up, draining)
+
+Anything else that escapes a handler is a bug: it is logged with the request id and reported as
+INTERNAL with that id, so the caller can quote it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextvars import ContextVar
+from typing import Any
+
+import grpc
+
+log = logging.getLogger(__name__)
+
+
+class SnapragError(Exception):
+    code = grpc.StatusCode.INTERNAL
+
+
+class InvalidArgument(SnapragError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class DeadlineExpired(SnapragError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class FailedPrecondition(SnapragError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ResourceExhausted(SnapragError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Unavailable(SnapragError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+# The id of the request being handled (set by `grpc_errors`), for logs and error messages.
+REQUEST_ID: ContextVar[str] = ContextVar("snaprag_request_id", default="-")
+
+
+def new_request_id(context: grpc.aio.ServicerContext | None = None) -> str:
+    """The caller's `x-request-id` metadata when present (so logs join up), else a fresh one."""
+    if context is not None:
+        for key, value in context.invocation_metadata() or ():
+            if key == "x-request-id" and isinstance(value, str) and 0 < len(value) <= 64:
+                return value
+    return uuid.uuid4().hex[:16]
+
+
+def status_for(exc: BaseException, request_id: str) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, SnapragError):
+        return exc.code, str(exc)
+    log.exception("internal error (request %s)", request_id, exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal error (request id {request_id}); the server log has the details"
+
+
+def grpc_errors(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a servicer method (unary or streaming) so every error leaves through `status_for`."""
+    if inspect.isasyncgenfunction(method):
+        @functools.wraps(method)
+        async def stream(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            REQUEST_ID.set(new_request_id(context))
+            try:
+                async for item in method(self, request, context):
+                    yield item
+            except (asyncio.CancelledError, grpc.aio.AbortError):
+                raise
+            except BaseException as e:
+                code, msg = status_for(e, REQUEST_ID.get())
+                await context.abort(code, msg)
+        return stream
+
+    @functools.wraps(method)
+    async def unary(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        REQUEST_ID.set(new_request_id(context))
+        try:
+            return await method(self, request, context)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except BaseException as e:
+            code, msg = status_for(e, REQUEST_ID.get())
+            await context.abort(code, msg)
+    return unary

@@ -1,0 +1,1 @@
+"""Answer generators: one streaming interface (base.Generator), one module per backend."""

@@ -1,0 +1,172 @@
+"""The voice answer pipeline (Ask, and each utterance of Converse).
+
+    retrieve (mandatory) -> rerank (optional) -> generate (mandatory, streamed by sentence)
+                 \\ miss or failure of a mandatory stage -> fallback planner's spoken answer
+
+Two deadlines: the *first chunk* deadline (profile.first_chunk_ms, or the client's deadline if
+sooner) bounds every stage before the first sentence; the *answer* deadline (profile.total_ms, or the
+client's) bounds the rest of the stream, with a stall limit between sentences.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass, field
+
+from server.config import ProfileConfig
+from server.generate.base import AnswerPiece, GenerationRequest
+from server.generate.sentences import split_sentences
+from server.pipeline.budget import Budget
+from server.pipeline.events import AnswerEvent, ChunkEvent, CitationsEvent, FinalEvent, Mode, TimingEvent
+from server.pipeline.stage import Outcome, StageMissed, StageTiming, Trace, run_stage
+from server.retrieval.sparse import Filters, Hit
+from server.runtime import Runtime
+
+# Between two sentences of a streamed answer: longer than this and the answer ends DEGRADED.
+STALL_S = 2.0
+
+
+@dataclass(slots=True)
+class AnswerRequest:
+    query: str
+    profile: ProfileConfig
+    filters: Filters = field(default_factory=dict)
+    client_remaining_s: float | None = None
+    # Retrieval started on a stable partial transcript, reusable for this query (Converse).
+    early: Awaitable[list[Hit]] | None = None
+    started: float = field(default_factory=time.monotonic)
+
+
+class AnswerPipeline:
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+
+    def search(self, query: str, k: int, filters: Filters) -> Awaitable[list[Hit]]:
+        """Retrieval off the event loop, in the CPU pool."""
+        loop = asyncio.get_running_loop()
+        return loop.run_in_executor(self.rt.cpu, self.rt.retriever.search, query, k, filters)
+
+    async def run(self, req: AnswerRequest) -> AsyncIterator[AnswerEvent]:
+        p = req.profile
+        first = Budget.start(p.first_chunk_ms / 1000, client_remaining_s=req.client_remaining_s,
+                             reserve_s=p.fallback_reserve_ms / 1000)
+        answer_deadline = first.started + min(p.total_ms / 1000, req.client_remaining_s or float("inf"))
+        trace = Trace()
+        sent = 0
+
+        def new_timings() -> list[TimingEvent]:
+            nonlocal sent
+            out = [TimingEvent(t) for t in trace.timings[sent:]]
+            sent = len(trace.timings)
+            return out
+
+        # -- retrieve (mandatory)
+        early_used = req.early is not None
+        try:
+            if req.early is not None:
+                early = req.early
+                hits = await run_stage("retrieve", lambda: _await(early), budget=first,
+                                       stage_budget_s=p.retrieve_ms / 1000, trace=trace, mandatory=True)
+            else:
+                hits = await run_stage("retrieve", lambda: self.search(req.query, p.default_k, req.filters),
+                                       budget=first, stage_budget_s=p.retrieve_ms / 1000, trace=trace,
+                                       mandatory=True)
+        except StageMissed as miss:
+            for ev in new_timings():
+                yield ev
+            async for ev in self._fallback(req, trace, first, miss.timing, Mode.FALLBACK, early_used):
+                yield ev
+            return
+        for ev in new_timings():
+            yield ev
+        assert hits is not None
+        if not hits:
+            why = StageTiming("retrieve", 0.0, 0.0, Outcome.OK, "retrieval found no passage for the question")
+            async for ev in self._fallback(req, trace, first, why, Mode.DEGRADED, early_used):
+                yield ev
+            return
+
+        # -- rerank (optional)
+        if not self.rt.cfg.rerank.enabled:
+            trace.skipped("rerank", "disabled in config (rerank.enabled = false)")
+
+        # -- generate (mandatory): the first sentence must arrive inside the first-chunk budget
+        gen = self.rt.generator
+        gen_req = GenerationRequest(req.query, hits, self.rt.cfg.generation.max_sentences)
+        yield CitationsEvent(gen.sources(gen_req))
+        stream = gen.stream(gen_req)
+        pieces: list[AnswerPiece] = []
+        first_chunk_ms = 0.0
+        mode, reason, missed = Mode.FULL, "", ""
+        try:
+            try:
+                piece = await run_stage("generate", lambda: anext(stream, None), budget=first,
+                                        stage_budget_s=p.first_token_ms / 1000, trace=trace, mandatory=True)
+            except StageMissed as miss:
+                for ev in new_timings():
+                    yield ev
+                async for ev in self._fallback(req, trace, first, miss.timing, Mode.FALLBACK, early_used):
+                    yield ev
+                return
+            for ev in new_timings():
+                yield ev
+            if piece is None:
+                why = StageTiming("generate", 0.0, 0.0, Outcome.OK,
+                                  "no retrieved sentence supports an answer to the question")
+                async for ev in self._fallback(req, trace, first, why, Mode.DEGRADED, early_used):
+                    yield ev
+                return
+            while piece is not None:
+                pieces.append(piece)
+                if len(pieces) == 1:
+                    first_chunk_ms = first.elapsed_ms()
+                yield ChunkEvent(piece.text, len(pieces) - 1, piece.markers)
+                left = answer_deadline - time.monotonic()
+                try:
+                    async with asyncio.timeout(max(0.0, min(STALL_S, left))):
+                        piece = await anext(stream, None)
+                except TimeoutError:
+                    mode, missed = Mode.DEGRADED, "generate"
+                    reason = (f"generation stopped after {len(pieces)} sentence(s): "
+                              f"{'answer deadline reached' if left <= STALL_S else 'stalled'}")
+                    piece = None
+        finally:
+            with contextlib.suppress(Exception):
+                await stream.aclose()
+        yield FinalEvent(mode=mode, reason=reason, missed_stage=missed, timings=list(trace.timings),
+                         answer_text=_with_markers(pieces), generator=gen.name, total_ms=first.elapsed_ms(),
+                         first_chunk_ms=first_chunk_ms, early_retrieval_used=early_used)
+
+    async def _fallback(self, req: AnswerRequest, trace: Trace, budget: Budget, cause: StageTiming, mode: Mode,
+                        early_used: bool) -> AsyncIterator[AnswerEvent]:
+        t0 = time.perf_counter()
+        answer = self.rt.planner.answer(req.query, _intent_filter(req.filters))
+        fb = trace.record(StageTiming("fallback", (time.perf_counter() - t0) * 1000, 0.0, Outcome.OK,
+                                      f"rule {answer.rule_id}"))
+        yield TimingEvent(fb)
+        sentences = split_sentences(answer.text) or [answer.text]
+        first_chunk_ms = budget.elapsed_ms()
+        for i, s in enumerate(sentences):
+            yield ChunkEvent(s, i)
+        missed = cause.stage if mode is Mode.FALLBACK else ""
+        reason = f"{cause.stage} {cause.detail}; answered by the fallback planner" if mode is Mode.FALLBACK \
+            else f"{cause.detail}; answered by the fallback planner"
+        yield FinalEvent(mode=mode, reason=reason, missed_stage=missed, timings=list(trace.timings),
+                         answer_text=" ".join(sentences), generator="fallback", total_ms=budget.elapsed_ms(),
+                         first_chunk_ms=first_chunk_ms, early_retrieval_used=early_used)
+
+
+async def _await(aw: Awaitable[list[Hit]]) -> list[Hit]:
+    return await aw
+
+
+def _intent_filter(filters: Filters) -> str | None:
+    intents = filters.get("intent") or ()
+    return intents[0] if len(intents) == 1 else None
+
+
+def _with_markers(pieces: list[AnswerPiece]) -> str:
+    return " ".join(p.text + "".join(f" [{m}]" for m in p.markers) for p in pieces)

@@ -1,0 +1,1 @@
+"""Retrieval: tokenizer, sparse (BM25) retriever, metadata filters."""

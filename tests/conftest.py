@@ -1,0 +1,26 @@
+"""Shared fixtures: the config and runtime are built once per session (they are loop-independent);
+servers are started per test on port 0, on the test's own event loop."""
+
+from __future__ import annotations
+
+import os
+
+# gRPC core logs connection teardown (GOAWAY) at INFO; keep test output to what matters.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+import pytest  # noqa: E402
+
+from server.config import Config, load_config  # noqa: E402
+from server.runtime import Runtime, build_runtime  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def config() -> Config:
+    return load_config(overrides=["server.port=0"], env={})
+
+
+@pytest.fixture(scope="session")
+def runtime(config: Config) -> Runtime:
+    rt = build_runtime(config)
+    yield rt
+    rt.close()
