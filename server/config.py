@@ -96,6 +96,8 @@ class TokenizerConfig:
 
 @dataclass
 class Bm25Config:
+    variant: Literal["okapi", "lucene"] = "okapi"
+    """IDF flavour: `okapi` = rank_bm25.BM25Okapi (epsilon-floored), `lucene` = Lucene's log(1 + ...)."""
     k1: float = 1.5
     """Term-frequency saturation (rank_bm25.BM25Okapi default)."""
     b: float = 0.75
@@ -105,11 +107,47 @@ class Bm25Config:
 
 
 @dataclass
+class DenseConfig:
+    enabled: bool = False
+    """Dense retrieval (ONNX MiniLM + HNSW). Needs the exported encoder (`make models`)."""
+    model_dir: str = "build/models/all-MiniLM-L6-v2"
+    """Exported ONNX encoder folder: model.onnx, tokenizer.json, manifest.json."""
+    max_length: int = 256
+    """Token limit per passage at index time (queries are short and never reach it)."""
+    batch_size: int = 32
+    """Passages per ONNX run when indexing."""
+    intra_op_threads: int = 0
+    """ONNX Runtime threads per run; 0 = one per core."""
+    hnsw_m: int = 16
+    """HNSW graph degree (hnswlib M): higher = better recall, more memory."""
+    hnsw_ef_construction: int = 200
+    """HNSW build-time beam width."""
+    hnsw_ef: int = 64
+    """HNSW query-time beam width (>= k); the recall/latency knob."""
+
+
+@dataclass
+class FusionConfig:
+    mode: Literal["rrf", "convex", "sparse", "dense"] = "rrf"
+    """How the sparse and dense lists combine when the request does not say."""
+    rrf_k: float = 60.0
+    """Reciprocal rank fusion constant: score = sum 1 / (rrf_k + rank)."""
+    dense_weight: float = 0.5
+    """Convex fusion: weight of the min-max normalised dense score (sparse gets 1 - this)."""
+    candidates: int = 50
+    """Candidates taken from each retriever before fusion."""
+
+
+@dataclass
 class RetrievalConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     """Shared by index and query."""
     bm25: Bm25Config = field(default_factory=Bm25Config)
     """Sparse scoring parameters."""
+    dense: DenseConfig = field(default_factory=DenseConfig)
+    """Dense encoder and HNSW index."""
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    """How sparse and dense results combine."""
     apply_confidence: bool = True
     """Multiply each passage's score by its confidence weight."""
     max_k: int = 100
