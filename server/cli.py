@@ -23,7 +23,8 @@ DEFAULT_TARGET = "127.0.0.1:50051"
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="snaprag", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="snaprag", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("serve", help="run the gRPC server on the embedded knowledge bases")
@@ -161,7 +162,7 @@ async def _client_command(args: argparse.Namespace) -> int:
                     _print_event(ev, t0, pb, args.json, dump)
                 return 0
             if args.command == "converse":
-                t0 = [time.perf_counter()]
+                final_at = [time.perf_counter()]  # reset when the final transcript goes out
 
                 async def requests() -> Any:
                     yield session_start()
@@ -169,11 +170,11 @@ async def _client_command(args: argparse.Namespace) -> int:
                     for i in range(1, len(words)):
                         yield transcript(" ".join(words[:i]), is_final=False, sequence=i, stability=0.9)
                         await asyncio.sleep(args.word_ms / 1000)
-                    t0[0] = time.perf_counter()
+                    final_at[0] = time.perf_counter()
                     yield transcript(args.query, is_final=True, sequence=len(words) + 1, stability=1.0)
 
                 async for ev in c.converse(requests()):
-                    _print_event(ev, t0[0], pb, args.json, dump)
+                    _print_event(ev, final_at[0], pb, args.json, dump)
                 return 0
         except grpc.aio.AioRpcError as e:
             print(f"snaprag: {e.code().name}: {e.details()}", file=sys.stderr)

@@ -30,7 +30,8 @@ def bounded_text(value: str, field: str, max_chars: int) -> str:
 def profile(cfg: Config, name: str, default: str) -> tuple[str, ProfileConfig]:
     chosen = name.strip() or default
     if chosen not in cfg.profiles:
-        raise InvalidArgument("profile", f"unknown profile {chosen!r}; valid profiles: {', '.join(sorted(cfg.profiles))}")
+        valid = ", ".join(sorted(cfg.profiles))
+        raise InvalidArgument("profile", f"unknown profile {chosen!r}; valid profiles: {valid}")
     return chosen, cfg.profiles[chosen]
 
 
@@ -54,7 +55,8 @@ def filters(raw: Mapping[str, object], kb: KnowledgeBase, field: str = "filters"
         known = kb.values(key)
         for v in values:
             if v not in known:
-                raise InvalidArgument(f"{field}[{key}]", f"unknown value {v!r}; known values: {', '.join(sorted(known))}")
+                listed = ", ".join(sorted(known))
+                raise InvalidArgument(f"{field}[{key}]", f"unknown value {v!r}; known values: {listed}")
         out[key] = values
     return out
 

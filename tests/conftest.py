@@ -8,10 +8,10 @@ import os
 # gRPC core logs connection teardown (GOAWAY) at INFO; keep test output to what matters.
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
-import pytest  # noqa: E402
+import pytest
 
-from server.config import Config, load_config  # noqa: E402
-from server.runtime import Runtime, build_runtime  # noqa: E402
+from server.config import Config, load_config
+from server.runtime import Runtime, build_runtime
 
 
 @pytest.fixture(scope="session")

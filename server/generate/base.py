@@ -7,7 +7,7 @@ generator's await point; a generator must release what it holds in `finally` and
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -42,5 +42,5 @@ class Generator(Protocol):
         """The citations the answer may use, known before the first sentence (sent up front)."""
         ...
 
-    def stream(self, request: GenerationRequest) -> AsyncIterator[AnswerPiece]:
+    def stream(self, request: GenerationRequest) -> AsyncGenerator[AnswerPiece, None]:
         ...

@@ -9,7 +9,7 @@ passage order so the answer reads as a procedure, each with its citation marker.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 
 from server.generate.base import AnswerPiece, GenerationRequest, Source
@@ -69,7 +69,7 @@ class ExtractiveGenerator:
         # Keep the top passage first and each passage's sentences in their written order.
         return sorted(best, key=lambda c: (c.passage_rank, c.position))
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[AnswerPiece]:
+    async def stream(self, request: GenerationRequest) -> AsyncGenerator[AnswerPiece, None]:
         for c in self.select(request):
             yield AnswerPiece(c.text, (c.passage_rank + 1,))
             await asyncio.sleep(0)  # a cancellation point between sentences

@@ -56,6 +56,7 @@ class AnswerPipeline:
         answer_deadline = first.started + min(p.total_ms / 1000, req.client_remaining_s or float("inf"))
         trace = Trace()
         sent = 0
+        ev: AnswerEvent
 
         def new_timings() -> list[TimingEvent]:
             nonlocal sent

@@ -23,7 +23,7 @@ async def test_final_transcript_reuses_early_retrieval(client: Any) -> None:
         yield transcript("my thermostat says no power", is_final=True, sequence=3, stability=1.0)
 
     events = await _collect(client.converse(reqs()))
-    final = [ev.final for ev in events if ev.HasField("final")][0]
+    final = next(ev.final for ev in events if ev.HasField("final"))
     assert final.early_retrieval_used and final.mode == pb.FULL
     assert "thermostat" in final.answer_text.lower()
     assert all(ev.utterance == 0 for ev in events)
@@ -36,7 +36,7 @@ async def test_changed_final_retrieves_again(client: Any) -> None:
         yield transcript("how do i set an alarm for six", is_final=True, sequence=2)
 
     events = await _collect(client.converse(reqs()))
-    final = [ev.final for ev in events if ev.HasField("final")][0]
+    final = next(ev.final for ev in events if ev.HasField("final"))
     assert not final.early_retrieval_used and final.mode == pb.FULL
 
 

@@ -81,7 +81,7 @@ async def test_slow_retrieval_gives_fallback_plan_inside_deadline(make_server: A
     assert resp.missed_stage == "retrieve" and "retrieve" in resp.reason and "budget" in resp.reason
     assert resp.rule_id.startswith("fault.E200")
     assert [s.action for s in resp.steps][:2] == ["stop", "hold_load"]
-    missed = [t for t in resp.timings if t.stage == "retrieve"][0]
+    missed = next(t for t in resp.timings if t.stage == "retrieve")
     assert missed.outcome == pb.MISSED_BUDGET and missed.budget_ms <= 60
     assert resp.total_ms < 150 and wall_ms < 150 + 100  # server inside its deadline; client adds transport
 
@@ -90,7 +90,7 @@ async def test_client_deadline_tighter_than_profile(make_server: Any, runtime: A
     _, client = await make_server(retriever=SlowRetriever(runtime.retriever, 0.3))
     resp = await client.plan("amr-001", fault_code="E300", timeout_s=0.05)
     assert resp.mode == pb.FALLBACK and resp.total_ms < 50
-    missed = [t for t in resp.timings if t.stage == "retrieve"][0]
+    missed = next(t for t in resp.timings if t.stage == "retrieve")
     assert missed.budget_ms < 50  # min(stage budget, client deadline - reserve)
 
 
@@ -100,7 +100,7 @@ async def test_failing_retrieval_gives_fallback_answer(make_server: Any) -> None
     final = _final(events)
     assert final.mode == pb.FALLBACK and final.generator == "fallback" and final.missed_stage == "retrieve"
     assert "RuntimeError: index shard offline" in final.reason
-    timing = [t for t in final.timings if t.stage == "retrieve"][0]
+    timing = next(t for t in final.timings if t.stage == "retrieve")
     assert timing.outcome == pb.FAILED
     assert [ev for ev in events if ev.HasField("chunk")], "the fallback still speaks"
     plan = await client.plan("amr-001", fault_code="E303")
@@ -116,7 +116,7 @@ async def test_slow_generation_misses_first_token_budget(make_server: Any) -> No
     wall = time.perf_counter() - t0
     final = _final(events)
     assert final.mode == pb.FALLBACK and final.missed_stage == "generate"
-    gen_t = [t for t in final.timings if t.stage == "generate"][0]
+    gen_t = next(t for t in final.timings if t.stage == "generate")
     assert gen_t.outcome == pb.MISSED_BUDGET and gen_t.budget_ms <= 300
     assert final.first_chunk_ms < 800 and wall < 0.8
     assert gen.closed == 1 and gen.produced == 0, "the late generator was cancelled and cleaned up"
