@@ -291,6 +291,8 @@ def _merge(obj: Any, data: Mapping[str, Any], prefix: str) -> None:
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{where}: expected a table of profiles")
             for name, table in value.items():
+                if not isinstance(table, Mapping):
+                    raise ConfigError(f"{where}.{name}: expected a table of budgets, e.g. [profiles.{name}]")
                 base = current.get(name) or ProfileConfig()
                 _merge(base, table, prefix=f"{where}.{name}.")
                 current[name] = base
@@ -314,7 +316,9 @@ def _set_dotted(cfg: Config, dotted: str, raw: str, origin: str) -> None:
     if not dataclasses.is_dataclass(obj) or leaf not in {f.name for f in dataclasses.fields(obj)}:
         raise ConfigError(f"{origin}: unknown key '{dotted}'")
     hint = typing.get_type_hints(type(obj))[leaf]
-    setattr(obj, leaf, _coerce(_parse_scalar(raw), hint, dotted))
+    # A string field takes the text as given ("1234" stays a string, not a TOML integer).
+    value = raw.strip('"') if hint is str else _parse_scalar(raw)
+    setattr(obj, leaf, _coerce(value, hint, dotted))
 
 
 def _parse_scalar(raw: str) -> Any:

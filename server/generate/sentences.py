@@ -6,8 +6,9 @@ import re
 
 # A sentence ends at . ! ? followed by space and an upper-case letter, digit or quote, but not after
 # common abbreviations or single letters ("e.g.", "approx.", "U.S.").
-_ABBREV = ("e.g", "i.e", "approx", "etc", "vs", "no", "min", "max", "rev", "fig", "mr", "mrs", "dr", "st")
-_BOUNDARY = re.compile(r"(?<=[.!?])[\"')\]]?\s+(?=[A-Z0-9\"'(])")
+_ABBREV = ("e.g", "i.e", "approx", "etc", "vs", "min", "max", "rev", "fig", "mr", "mrs", "dr", "st", "u.s", "u.k")
+# The boundary is the whitespace itself, so a closing quote or bracket stays with its sentence.
+_BOUNDARY = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"')\]]))\s+(?=[A-Z0-9\"'(])")
 
 
 def split_sentences(text: str) -> list[str]:
@@ -16,7 +17,7 @@ def split_sentences(text: str) -> list[str]:
     for part in parts:
         if out:
             prev_word = out[-1].rstrip(".!?").rsplit(" ", 1)[-1].lower()
-            if prev_word in _ABBREV or (len(prev_word) == 1 and prev_word.isalpha()):
+            if out[-1].endswith(".") and (prev_word in _ABBREV or (len(prev_word) == 1 and prev_word.isalpha())):
                 out[-1] = f"{out[-1]} {part}"
                 continue
         out.append(part)

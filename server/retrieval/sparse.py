@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from kernels.bm25 import Bm25Matrix, build_okapi, score
+from kernels import bm25
 from kernels.topk import top_k
 from server.config import Bm25Config
 from server.knowledge import FILTER_FIELDS, KnowledgeBase, Passage
@@ -23,35 +23,38 @@ class Hit:
     score: float
 
 
-class SparseRetriever:
-    """Builds the CSR BM25 matrix once; `search` is pure numpy and safe to call from worker threads."""
+def passage_index_text(p: Passage) -> str:
+    """What BM25 indexes for a passage: the fault code and source title are part of what it is about."""
+    return f"{p.text} {p.fault_code} {p.source}"
 
-    name = "bm25"
 
-    def __init__(self, kb: KnowledgeBase, tokenizer: Tokenizer, bm25: Bm25Config, *, apply_confidence: bool) -> None:
-        self.kb = kb
-        self.tokenizer = tokenizer
-        self.vocab: dict[str, int] = {}
-        docs: list[list[int]] = []
-        for p in kb.passages:
-            # The fault code and source title are part of what a passage is about.
-            tokens = tokenizer(f"{p.text} {p.fault_code} {p.source}")
-            docs.append([self.vocab.setdefault(t, len(self.vocab)) for t in tokens])
-        self.matrix: Bm25Matrix = build_okapi(docs, len(self.vocab), k1=bm25.k1, b=bm25.b, epsilon=bm25.epsilon)
-        self._weight = (np.array([p.confidence for p in kb.passages], dtype=np.float32) if apply_confidence
-                        else None)
+def build_bm25(kb: KnowledgeBase, tokenizer: Tokenizer, cfg: Bm25Config) -> tuple[dict[str, int], bm25.Bm25Matrix]:
+    vocab: dict[str, int] = {}
+    docs = [[vocab.setdefault(t, len(vocab)) for t in tokenizer(passage_index_text(p))] for p in kb.passages]
+    if cfg.variant == "okapi":
+        matrix = bm25.build_okapi(docs, len(vocab), k1=cfg.k1, b=cfg.b, epsilon=cfg.epsilon)
+    else:
+        matrix = bm25.build(cfg.variant, docs, len(vocab), k1=cfg.k1, b=cfg.b)  # type: ignore[attr-defined]
+    return vocab, matrix
+
+
+class FilterMasks:
+    """Boolean masks per (field, value), precomputed: a filter costs a few vector ORs/ANDs."""
+
+    def __init__(self, kb: KnowledgeBase) -> None:
+        self.n = len(kb)
         self._masks: dict[tuple[str, str], npt.NDArray[np.bool_]] = {}
         for f in FILTER_FIELDS:
             for value in kb.values(f):
                 self._masks[(f, value)] = np.array([p.field_value(f) == value for p in kb.passages], dtype=bool)
 
-    def mask(self, filters: Filters) -> npt.NDArray[np.bool_] | None:
-        """OR within a field, AND across fields. Unknown values match nothing (validated upstream)."""
+    def __call__(self, filters: Filters | None) -> npt.NDArray[np.bool_] | None:
+        """OR within a field, AND across fields; None when nothing is filtered. Unknown values match nothing."""
         out: npt.NDArray[np.bool_] | None = None
-        for f, values in filters.items():
+        for f, values in (filters or {}).items():
             if not values:
                 continue
-            m = np.zeros(len(self.kb), dtype=bool)
+            m = np.zeros(self.n, dtype=bool)
             for v in values:
                 vm = self._masks.get((f, v))
                 if vm is not None:
@@ -59,11 +62,36 @@ class SparseRetriever:
             out = m if out is None else (out & m)
         return out
 
+
+class SparseRetriever:
+    """BM25 over the CSR matrix; `scores`/`search` are pure numpy and safe to call from worker threads."""
+
+    name = "bm25"
+
+    def __init__(self, kb: KnowledgeBase, tokenizer: Tokenizer, bm25_cfg: Bm25Config, *, apply_confidence: bool,
+                 prebuilt: tuple[dict[str, int], bm25.Bm25Matrix] | None = None,
+                 masks: FilterMasks | None = None) -> None:
+        self.kb = kb
+        self.tokenizer = tokenizer
+        self.vocab, self.matrix = prebuilt if prebuilt is not None else build_bm25(kb, tokenizer, bm25_cfg)
+        self.confidence = np.array([p.confidence for p in kb.passages], dtype=np.float32)
+        self._weight = self.confidence if apply_confidence else None
+        self.masks = masks if masks is not None else FilterMasks(kb)
+
+    def mask(self, filters: Filters) -> npt.NDArray[np.bool_] | None:
+        return self.masks(filters)
+
     def query_terms(self, query: str) -> list[int]:
         return [self.vocab.get(t, -1) for t in self.tokenizer(query)]
 
+    def candidates(self, query: str, k: int, mask: npt.NDArray[np.bool_] | None,
+                   ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.floating]]:
+        """Raw BM25 top-k (indices, scores), no confidence weighting: the input to fusion."""
+        scores = bm25.score(self.matrix, self.query_terms(query))
+        return top_k(scores, k, mask=mask, min_score=0.0)
+
     def search(self, query: str, k: int, filters: Filters | None = None) -> list[Hit]:
-        scores = score(self.matrix, self.query_terms(query))
+        scores = bm25.score(self.matrix, self.query_terms(query))
         if self._weight is not None:
             scores *= self._weight
         idx, vals = top_k(scores, k, mask=self.mask(filters or {}), min_score=0.0)
