@@ -37,17 +37,10 @@ ID = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 # checker issue: the fallback rules for the same codes (data/fallback/rules.toml) follow the invariants
 # (e.g. fault.E203.fl.loaded lowers the pallet only after request_assistance; fault.E305 waits for a
 # technician). Remove an entry once its passage is fixed (the xfail is strict).
-KNOWN_UNSAFE_PROCEDURES = {
-    "wh-f-e110-fl20": "E110 critical: lower_load before request_assistance",
-    "wh-f-e202-fl20": "E202 critical: lower_load before request_assistance",
-    "wh-f-e203-recover": "E203 critical: no request_assistance; lower_load before it",
-    "wh-f-e203-fl20": "E203 critical: lower_load before request_assistance",
-    "wh-f-e305-recover": "E305 critical: no request_assistance; reset_fault and resume_task without a technician",
-    "wh-f-e305-fl20": "E305 critical: no request_assistance; reset_fault and resume_task without a technician",
-    "wh-f-e305-uk": "E305 critical: no request_assistance; reset_fault and resume_task without a technician",
-    "wh-o-sop-power-cut-restart": "E501 major: first step reboot_subsystem, not stop",
-    "wh-o-nav-ramp-proc": "E702 major: first step set_speed_limit, not stop (a routine SOP tagged with a fault code)",
-}
+# Empty: every fault procedure passes. (wh-o-sop-power-cut-restart and wh-o-nav-ramp-proc were routine
+# procedures tagged with a fault code; the planner would have run them as that fault's recovery plan, so
+# the tag was removed.)
+KNOWN_UNSAFE_PROCEDURES: dict[str, str] = {}
 
 _VOICE_KB = load_knowledge_base([VOICE])
 _WAREHOUSE_KB = load_knowledge_base([WAREHOUSE])
