@@ -14,16 +14,18 @@ GEN_STAMP   := $(GEN_DIR)/.stamp
 HOST        ?= 127.0.0.1
 PORT        ?= 50051
 PYTEST_ARGS ?=
+# The dense encoder, exported once from the installed model package (torch at build time only).
+ENCODER_DIR := build/models/all-MiniLM-L6-v2
 
-.PHONY: run test setup stubs lint typecheck lock clean help
+.PHONY: run test setup stubs models lint typecheck lock clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
 
-run: setup stubs  ## set up what is missing, then serve the embedded knowledge bases on $(HOST):$(PORT)
+run: setup stubs models  ## set up what is missing, then serve the embedded knowledge bases on $(HOST):$(PORT)
 	$(BIN)/snaprag serve --host $(HOST) --port $(PORT)
 
-test: setup stubs  ## set up what is missing, then run the whole test suite
+test: setup stubs models  ## set up what is missing, then run the whole test suite
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 setup: $(STAMP)  ## create .venv with the pinned CPU dependency set
@@ -45,6 +47,14 @@ $(GEN_STAMP): $(PROTOS) $(STAMP)
 	@rm -rf $(GEN_DIR) && mkdir -p $(GEN_DIR)
 	$(BIN)/python -m grpc_tools.protoc -I protos --python_out=$(GEN_DIR) --pyi_out=$(GEN_DIR) \
 		--grpc_python_out=$(GEN_DIR) $(PROTOS)
+	@touch $@
+
+models: $(ENCODER_DIR)/manifest.json  ## export the dense encoder (MiniLM) to ONNX, verified against PyTorch
+
+# The manifest is written last, after the graph verified, so its presence means a complete folder. The
+# script skips when the folder already matches the installed source; the touch keeps make from asking again.
+$(ENCODER_DIR)/manifest.json: $(STAMP)
+	$(BIN)/python -m server.retrieval.export_encoder --out $(ENCODER_DIR)
 	@touch $@
 
 lock:  ## re-resolve requirements/cpu.lock from pyproject.toml (needs the network to the package index)

@@ -7,6 +7,10 @@
     snaprag retrieve "question" -k 5
     snaprag health                     the grpc.health.v1 status
     snaprag config                     the effective configuration, every knob and its value
+    snaprag index build --corpus FILE.jsonl --out DIR     write an index snapshot
+    snaprag index verify DIR                              check a snapshot's manifest and checksums
+    snaprag eval --corpus C --queries Q --qrels R         retrieval quality on a BEIR-layout collection
+    snaprag eval --kb voice --split dev                   ...or on a knowledge base's golden questions
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import json
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -76,11 +81,45 @@ def _parser() -> argparse.ArgumentParser:
 
     h = sub.add_parser("health", help="grpc.health.v1 status of the server")
     client(h)
+
+    ix = sub.add_parser("index", help="build or verify index snapshots")
+    ixs = ix.add_subparsers(dest="index_command", required=True, metavar="ACTION")
+    b = ixs.add_parser("build", help="index a corpus into a snapshot directory (BM25 + dense + HNSW)")
+    b.add_argument("--corpus", required=True, type=Path,
+                   help="JSONL passages: our schema (data/README.md) or a BEIR corpus.jsonl (_id, title, text)")
+    b.add_argument("--out", required=True, type=Path, help="snapshot directory to create")
+    b.add_argument("--no-dense", action="store_true", help="BM25 only (no encoder needed)")
+    b.add_argument("--force", action="store_true", help="replace an existing snapshot at --out")
+    b.add_argument("--config")
+    b.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    vf = ixs.add_parser("verify", help="check a snapshot's manifest and every file's sha256")
+    vf.add_argument("path", type=Path)
+
+    ev = sub.add_parser("eval", help="retrieval quality: nDCG@10, MRR@10, Recall@100, Hit@5 per method")
+    ev.add_argument("--corpus", type=Path, help="BEIR corpus.jsonl")
+    ev.add_argument("--queries", type=Path, help="BEIR queries.jsonl")
+    ev.add_argument("--qrels", type=Path, help="BEIR qrels TSV (with a header line)")
+    ev.add_argument("--kb", choices=("voice", "warehouse", "all"), help="evaluate on our knowledge bases instead")
+    ev.add_argument("--split", choices=("train", "dev"), default="dev", help="golden split with --kb (default dev)")
+    ev.add_argument("--methods", default="bm25,dense,hybrid-rrf,hybrid-convex",
+                    help="comma-separated: bm25, dense, hybrid-rrf, hybrid-convex (default: all)")
+    ev.add_argument("--limit", type=int, default=0, help="evaluate only the first N queries")
+    ev.add_argument("--json", action="store_true", help="print the figures as JSON keyed by method")
+    ev.add_argument("--config")
+    ev.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     return ap
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command in ("index", "eval"):
+        from server.offline import run_eval, run_index
+
+        try:
+            return run_index(args) if args.command == "index" else run_eval(args)
+        except (ValueError, OSError) as e:  # SnapshotError, KnowledgeBaseError, EncoderError, ConfigError...
+            print(f"snaprag {args.command}: {e}", file=sys.stderr)
+            return 1
     if args.command in ("serve", "config"):
         from server.config import ConfigError, describe, load_config
 

@@ -101,6 +101,42 @@ def _jsonl(path: Path) -> Iterable[tuple[str, Any]]:
                 raise KnowledgeBaseError(f"{where}: not valid JSON ({e.msg})") from e
 
 
+def _parse_beir(obj: dict[str, Any], where: str) -> Passage:
+    """A BEIR corpus line: {"_id", "title", "text"} (no metadata: confidence 1, empty filters)."""
+    pid = obj.get("_id")
+    if not isinstance(pid, str) or not pid.strip() or len(pid) > 128:
+        raise KnowledgeBaseError(f"{where}: field '_id' must be a non-empty string of at most 128 characters")
+    text = obj.get("text")
+    if not isinstance(text, str) or not text.strip():
+        raise KnowledgeBaseError(f"{where}: field 'text' is missing or empty")
+    title = obj.get("title") or ""
+    if not isinstance(title, str):
+        raise KnowledgeBaseError(f"{where}: field 'title' must be a string")
+    return Passage(id=pid.strip(), text=text.strip(), intent="", domain="", locale="", confidence=1.0,
+                   source=title.strip())
+
+
+def load_corpus_records(path: Path) -> Iterable[Passage]:
+    """Passages from one JSONL file: our schema (data/README.md) or a BEIR corpus.jsonl (`_id`, `title`, `text`)."""
+    if not path.exists():
+        raise KnowledgeBaseError(f"{path}: no such file")
+    for where, obj in _jsonl(path):
+        if isinstance(obj, dict) and "_id" in obj and "id" not in obj:
+            yield _parse_beir(obj, where)
+        else:
+            yield _parse_passage(obj, where)
+
+
+def knowledge_base_from(records: Iterable[Passage]) -> KnowledgeBase:
+    kb = KnowledgeBase()
+    for p in records:
+        if p.id in kb.by_id:
+            raise KnowledgeBaseError(f"duplicate passage id {p.id!r}")
+        kb.by_id[p.id] = len(kb.passages)
+        kb.passages.append(p)
+    return kb
+
+
 def load_knowledge_base(folders: Sequence[Path]) -> KnowledgeBase:
     kb = KnowledgeBase()
     for folder in folders:

@@ -7,7 +7,7 @@ import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from server.config import Config
 from server.fallback import FallbackPlanner
@@ -17,6 +17,13 @@ from server.generate.extractive import ExtractiveGenerator, idf_lookup
 from server.knowledge import KnowledgeBase, load_knowledge_base
 from server.retrieval.sparse import Filters, Hit, SparseRetriever
 from server.retrieval.text import Tokenizer
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
+    from server.retrieval.encoder import OnnxEncoder
+    from server.retrieval.hybrid import HybridRetriever
 from server.robot_plan import ActionVocabulary
 
 log = logging.getLogger(__name__)
@@ -46,23 +53,76 @@ class Runtime:
 
     def close(self) -> None:
         self.cpu.shutdown(wait=False, cancel_futures=True)
+        close = getattr(self.retriever, "close", None)
+        if close is not None:
+            close()
+
+
+def make_tokenizer(cfg: Config) -> Tokenizer:
+    t = cfg.retrieval.tokenizer
+    return Tokenizer(lowercase=t.lowercase, stopwords=t.stopwords, stem=t.stem)
+
+
+def load_encoder(cfg: Config) -> OnnxEncoder | None:
+    """The dense query/passage encoder, when dense retrieval is enabled (errors name the fix)."""
+    dc = cfg.retrieval.dense
+    if not dc.enabled:
+        return None
+    from server.retrieval.encoder import OnnxEncoder
+
+    return OnnxEncoder.load(cfg.resolve_path(dc.model_dir), max_length=dc.max_length,
+                            intra_op_threads=dc.intra_op_threads)
+
+
+def build_retriever(kb: KnowledgeBase, cfg: Config, tokenizer: Tokenizer, *, encoder: Any = None,
+                    embeddings: npt.NDArray[np.float32] | None = None, prebuilt: Any = None,
+                    hnsw_path: Any = None, progress: bool = False) -> HybridRetriever:
+    """BM25 always; dense too when an encoder is given (embeddings computed, or loaded with the graph)."""
+    from server.retrieval.hybrid import DenseRetriever, HybridRetriever
+
+    sparse = SparseRetriever(kb, tokenizer, cfg.retrieval.bm25, apply_confidence=cfg.retrieval.apply_confidence,
+                             prebuilt=prebuilt)
+    dense = None
+    if encoder is not None:
+        from server.retrieval.dense import HnswIndex
+        from server.retrieval.embed_cache import cached_embeddings
+        from server.retrieval.snapshot import index_texts
+
+        dc = cfg.retrieval.dense
+        if embeddings is None:
+            embeddings = cached_embeddings(encoder, index_texts(kb), batch_size=dc.batch_size, progress=progress)
+        if hnsw_path is not None:
+            index = HnswIndex.load(hnsw_path, dim=embeddings.shape[1], ef=dc.hnsw_ef)
+        else:
+            index = HnswIndex.build(embeddings, m=dc.hnsw_m, ef_construction=dc.hnsw_ef_construction, ef=dc.hnsw_ef)
+        dense = DenseRetriever(encoder, index)
+    return HybridRetriever(kb, sparse, dense, cfg.retrieval.fusion, apply_confidence=cfg.retrieval.apply_confidence)
 
 
 def build_runtime(cfg: Config) -> Runtime:
     t0 = time.perf_counter()
-    kb = load_knowledge_base([cfg.resolve_path(p) for p in cfg.knowledge_base.paths])
-    tok_cfg = cfg.retrieval.tokenizer
-    tokenizer = Tokenizer(lowercase=tok_cfg.lowercase, stopwords=tok_cfg.stopwords, stem=tok_cfg.stem)
-    sparse = SparseRetriever(kb, tokenizer, cfg.retrieval.bm25, apply_confidence=cfg.retrieval.apply_confidence)
+    tokenizer = make_tokenizer(cfg)
+    encoder = load_encoder(cfg)
+    if cfg.knowledge_base.snapshot:
+        from server.retrieval.snapshot import load_snapshot
+
+        snap = load_snapshot(cfg.resolve_path(cfg.knowledge_base.snapshot), tokenizer, encoder=encoder)
+        kb = snap.kb
+        retriever = build_retriever(kb, cfg, tokenizer, encoder=encoder, embeddings=snap.embeddings,
+                                    prebuilt=(snap.vocab, snap.matrix), hnsw_path=snap.hnsw_path)
+    else:
+        kb = load_knowledge_base([cfg.resolve_path(p) for p in cfg.knowledge_base.paths])
+        retriever = build_retriever(kb, cfg, tokenizer, encoder=encoder)
+    sparse = retriever.sparse
     generator = ExtractiveGenerator(tokenizer, idf_lookup(sparse.vocab, sparse.matrix.idf.tolist()),
                                     max_passages=cfg.generation.max_passages, min_support=cfg.generation.min_support)
     vocabulary = ActionVocabulary.load(cfg.resolve_path(cfg.fallback.actions_path))
     fault_codes_path = cfg.resolve_path(cfg.fallback.fault_codes_path)
     planner = FallbackPlanner.load(cfg.resolve_path(cfg.fallback.rules_path), vocabulary, fault_codes_path)
-    rt = Runtime(cfg=cfg, kb=kb, tokenizer=tokenizer, retriever=sparse, generator=generator, planner=planner,
+    rt = Runtime(cfg=cfg, kb=kb, tokenizer=tokenizer, retriever=retriever, generator=generator, planner=planner,
                  vocabulary=vocabulary, fault_codes=load_fault_codes(fault_codes_path),
                  cpu=ThreadPoolExecutor(max_workers=cfg.server.cpu_workers, thread_name_prefix="snaprag-cpu"))
     rt.load_s = time.perf_counter() - t0
-    log.info("loaded %d passages (%d terms) and %d fallback rules in %.0f ms", len(kb), len(sparse.vocab),
-             len(planner.rulebook.fault_rules), rt.load_s * 1000)
+    log.info("loaded %d passages (%d terms, dense %s) and %d fallback rules in %.0f ms", len(kb), len(sparse.vocab),
+             "on" if retriever.dense is not None else "off", len(planner.rulebook.fault_rules), rt.load_s * 1000)
     return rt

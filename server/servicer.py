@@ -42,6 +42,18 @@ MODE_PB = {"full": pb.FULL, "degraded": pb.DEGRADED, "fallback": pb.FALLBACK}
 OUTCOME_PB = {Outcome.OK: pb.OK, Outcome.SKIPPED: pb.SKIPPED, Outcome.MISSED_BUDGET: pb.MISSED_BUDGET,
               Outcome.FAILED: pb.FAILED}
 SOURCE_PB = {"retrieved": pb.RETRIEVED, "model": pb.MODEL, "rules": pb.RULES}
+FUSION_FROM_PB = {pb.RRF: "rrf", pb.CONVEX: "convex", pb.SPARSE_ONLY: "sparse", pb.DENSE_ONLY: "dense"}
+FUSION_TO_PB = {"rrf": "RRF", "convex": "CONVEX", "sparse": "SPARSE_ONLY", "dense": "DENSE_ONLY"}
+
+
+def retriever_modes(retriever: Any) -> tuple[str, ...]:
+    """Fusion modes the retriever supports, its default first."""
+    modes = getattr(retriever, "modes", None)
+    if modes is None:
+        return ("sparse",)
+    available: tuple[str, ...] = modes()
+    default = getattr(retriever, "default_mode", available[0])
+    return (default, *[m for m in available if m != default])
 
 
 def _checked(request: Any) -> Any:
@@ -144,17 +156,22 @@ class AssistantService:
         _, prof = validation.profile(cfg, req.profile, "voice")
         k = validation.top_k(req.k, prof.default_k, cfg.retrieval.max_k)
         filters = validation.filters(req.filters, self.rt.kb)
-        if req.fusion not in (pb.FUSION_MODE_UNSPECIFIED, pb.SPARSE_ONLY):
+        available = retriever_modes(self.rt.retriever)
+        mode = FUSION_FROM_PB.get(req.fusion)
+        if mode is not None and mode not in available:
             raise FailedPrecondition(
-                f"fusion: {pb.FusionMode.Name(req.fusion)} needs the dense retriever, which this server does not "
-                "run yet; use SPARSE_ONLY or leave fusion unset")
+                f"fusion: {pb.FusionMode.Name(req.fusion)} needs the dense retriever, which this server runs without "
+                f"(retrieval.dense.enabled = false); use {' or '.join(FUSION_TO_PB[m] for m in available)} "
+                "or leave fusion unset")
+        used = mode or available[0]
+        args = (query, k, filters) if mode is None else (query, k, filters, mode)
         remaining = _client_remaining(context)
         budget = Budget.start(prof.retrieve_ms / 1000, client_remaining_s=remaining)
         trace = Trace()
         loop = asyncio.get_running_loop()
         try:
             hits = await run_stage("retrieve", lambda: loop.run_in_executor(self.rt.cpu, self.rt.retriever.search,
-                                                                            query, k, filters),
+                                                                            *args),
                                    budget=budget, stage_budget_s=prof.retrieve_ms / 1000, trace=trace, mandatory=True)
         except StageMissed as miss:
             t = miss.timing
@@ -165,7 +182,7 @@ class AssistantService:
         return pb.RetrieveResponse(
             passages=[pb.ScoredPassage(passage=passage_pb(h), score=h.score, rank=i + 1) for i, h in enumerate(hits)],
             timings=[timing_pb(t) for t in trace.timings], total_ms=budget.elapsed_ms(), request_id=request_id,
-            fusion=pb.SPARSE_ONLY)
+            fusion=getattr(pb, FUSION_TO_PB[used]))
 
     # ------------------------------------------------------------------ Converse
     @grpc_errors

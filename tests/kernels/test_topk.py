@@ -106,10 +106,6 @@ def test_ties_inside_the_selection_are_broken_by_lower_index() -> None:
     assert top_k(np.zeros(6, dtype=np.float32), 6)[0].tolist() == [0, 1, 2, 3, 4, 5]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "kernels/topk.py: when entries tie at the k-th score, np.argpartition keeps an arbitrary subset of "
-    "them, not the lowest indices. Fix: keep every candidate scoring >= the k-th best value "
-    "(np.partition), lexsort, then slice [:k]."))
 def test_ties_at_the_cut_keep_the_lower_indices() -> None:
     for seed in range(10):
         scores = np.random.default_rng(seed).integers(0, 4, 200).astype(np.float32)  # ties at every cut

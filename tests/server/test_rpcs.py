@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -9,6 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from clients.assistant import AssistantClient
 from server.proto import pb
 from server.robot_plan import ActionVocabulary, PlanStep, check_plan_safety
+from server.runtime import Runtime
 
 
 async def test_health_is_serving_after_warm_up(client: AssistantClient) -> None:
@@ -102,7 +105,7 @@ async def test_retrieve_scored_ranked_filtered(client: AssistantClient) -> None:
     assert scores == sorted(scores, reverse=True) and scores[-1] > 0
     assert all(p.passage.domain == "warehouse" for p in resp.passages)
     assert resp.passages[0].passage.fault_code == "E402"
-    assert resp.fusion == pb.SPARSE_ONLY and resp.timings[0].stage == "retrieve"
+    assert resp.fusion == pb.CONVEX and resp.timings[0].stage == "retrieve"  # the configured default
 
 
 async def test_retrieve_default_k_comes_from_profile(client: AssistantClient) -> None:
@@ -110,10 +113,23 @@ async def test_retrieve_default_k_comes_from_profile(client: AssistantClient) ->
     assert len(resp.passages) == 5
 
 
-async def test_retrieve_dense_fusion_is_refused_until_dense_exists(client: AssistantClient) -> None:
+@pytest.mark.parametrize(("fusion", "name"), [(pb.RRF, "RRF"), (pb.CONVEX, "CONVEX"), (pb.SPARSE_ONLY, "SPARSE_ONLY"),
+                                              (pb.DENSE_ONLY, "DENSE_ONLY")])
+async def test_retrieve_honours_the_requested_fusion(client: AssistantClient, fusion: int, name: str) -> None:
+    resp = await client.retrieve("my lights turn on by themselves at night", k=5, fusion=fusion)
+    assert pb.FusionMode.Name(resp.fusion) == name and len(resp.passages) == 5
+
+
+async def test_dense_fusion_is_refused_when_dense_is_off(make_server: Any, runtime: Runtime) -> None:
+    from server.retrieval.hybrid import HybridRetriever
+
+    sparse_only = HybridRetriever(runtime.kb, runtime.retriever.sparse, None,  # type: ignore[attr-defined]
+                                  runtime.cfg.retrieval.fusion, apply_confidence=True)
+    _, client = await make_server(retriever=sparse_only)
     with pytest.raises(grpc.aio.AioRpcError) as e:
         await client.retrieve("thermostat schedule", fusion=pb.RRF)
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "SPARSE_ONLY" in e.value.details()
+    assert (await client.retrieve("thermostat schedule")).fusion == pb.SPARSE_ONLY
 
 
 async def test_plan_step_conversion_round_trip() -> None:

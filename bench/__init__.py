@@ -1,0 +1,1 @@
+"""Benchmarks: latency, recall and SLO harnesses. Run as `python -m bench.<name>`; results in bench/RESULTS.md."""
