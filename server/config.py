@@ -135,9 +135,9 @@ class DenseConfig:
 class FusionConfig:
     mode: Literal["rrf", "convex", "sparse", "dense"] = "rrf"
     """How the sparse and dense lists combine when the request does not say."""
-    rrf_k: float = 60.0
+    rrf_k: float = 10.0
     """Reciprocal rank fusion constant: score = sum 1 / (rrf_k + rank)."""
-    dense_weight: float = 0.5
+    dense_weight: float = 0.6
     """Convex fusion: weight of the min-max normalised dense score (sparse gets 1 - this)."""
     candidates: int = 50
     """Candidates taken from each retriever before fusion."""
@@ -154,7 +154,10 @@ class RetrievalConfig:
     fusion: FusionConfig = field(default_factory=FusionConfig)
     """How sparse and dense results combine."""
     apply_confidence: bool = True
-    """Multiply each passage's score by its confidence weight."""
+    """Weight each passage's retrieval score by its confidence (see confidence_weight)."""
+    confidence_weight: float = 0.25
+    """How much confidence counts: scores are multiplied by 1 - w + w * confidence. 1 = a full multiply.
+    The demo KB's confidences are authored, not learned from clicks, so they get a light touch."""
     max_k: int = 100
     """Largest k a caller may ask for."""
 
@@ -245,6 +248,8 @@ class Config:
             raise ConfigError("server.cpu_workers: must be >= 1")
         if not self.knowledge_base.paths:
             raise ConfigError("knowledge_base.paths: at least one knowledge-base folder is needed")
+        if not 0.0 <= self.retrieval.confidence_weight <= 1.0:
+            raise ConfigError("retrieval.confidence_weight: must be in [0, 1]")
         if not 0.0 <= self.voice.early_retrieval_stability <= 1.0:
             raise ConfigError("voice.early_retrieval_stability: must be in [0, 1]")
         return self

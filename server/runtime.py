@@ -81,7 +81,7 @@ def build_retriever(kb: KnowledgeBase, cfg: Config, tokenizer: Tokenizer, *, enc
     from server.retrieval.hybrid import DenseRetriever, HybridRetriever
 
     sparse = SparseRetriever(kb, tokenizer, cfg.retrieval.bm25, apply_confidence=cfg.retrieval.apply_confidence,
-                             prebuilt=prebuilt)
+                             confidence_weight=cfg.retrieval.confidence_weight, prebuilt=prebuilt)
     dense = None
     if encoder is not None:
         from server.retrieval.dense import HnswIndex

@@ -2,8 +2,8 @@
 
 Metadata pre-filters become one boolean mask applied inside both retrievers before their top-k (a
 filtered query never loses its best matches to documents it would throw away). Confidence weights
-scale each retriever's own scores before fusion: applied after RRF they would swamp it, since RRF
-scores differ by fractions of a percent between neighbouring ranks.
+scale the fused score once, by 1 - w + w * confidence (`retrieval.confidence_weight` = w): a full
+multiply (w = 1) would swamp RRF, whose scores differ by a few percent between neighbouring ranks.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ class HybridRetriever:
         self.dense = dense
         self.cfg = cfg
         self.tokenizer = sparse.tokenizer
-        self._confidence = sparse.confidence if apply_confidence else None
+        self._factor = sparse.weight_factor if apply_confidence else None
         # One extra thread: the dense half of a query runs there while the caller's thread does BM25.
         self._side = ThreadPoolExecutor(max_workers=2, thread_name_prefix="snaprag-dense")
 
@@ -77,34 +77,30 @@ class HybridRetriever:
         mask = self.sparse.mask(filters or {})
         n = max(k, self.cfg.candidates)
         if mode == "sparse":
-            idx, scores = self._weighted(*self.sparse.candidates(query, n, mask))
+            idx, scores = self.sparse.candidates(query, n, mask)
         elif mode == "dense":
             assert self.dense is not None
-            idx, scores = self._weighted(*self.dense.candidates(query, n, mask))
+            idx, scores = self.dense.candidates(query, n, mask)
         else:
             assert self.dense is not None
             pending = self._side.submit(self.dense.candidates, query, n, mask)
-            s_idx, s_scores = self._weighted(*self.sparse.candidates(query, n, mask))
-            d_idx, d_scores = self._weighted(*pending.result())
+            s_idx, s_scores = self.sparse.candidates(query, n, mask)
+            d_idx, d_scores = pending.result()
             if mode == "rrf":
                 idx, scores = fusion.rrf([s_idx, d_idx], k=self.cfg.rrf_k)
             else:
-                # Convex scores share one [0, 1] scale, so the confidence weight applies to the fused score,
-                # as it does to a single retriever's (measured better than per-list on the KB train split).
-                s_idx, s_scores = self.sparse.candidates(query, n, mask)
-                d_idx, d_scores = pending.result()
                 w = self.cfg.dense_weight
-                idx, scores = self._weighted(*fusion.convex([(s_idx, s_scores), (d_idx, d_scores)],
-                                                            weights=[1.0 - w, w]))
+                idx, scores = fusion.convex([(s_idx, s_scores), (d_idx, d_scores)], weights=[1.0 - w, w])
+        idx, scores = self._weighted(idx, scores)
         sel, vals = top_k(np.asarray(scores, dtype=np.float64), k)
         idx = np.asarray(idx)[sel]
         return [Hit(self.kb.passages[i], float(v)) for i, v in zip(idx.tolist(), vals.tolist(), strict=True)]
 
     def _weighted(self, idx: npt.NDArray[np.int64], scores: npt.NDArray[np.floating],
                   ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.floating]]:
-        if self._confidence is None or not len(idx):
+        if self._factor is None or not len(idx):
             return idx, scores
-        return fusion.apply_confidence(idx, scores, self._confidence)
+        return fusion.apply_confidence(idx, scores, self._factor)
 
     def close(self) -> None:
         self._side.shutdown(wait=False, cancel_futures=True)

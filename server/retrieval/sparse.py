@@ -69,13 +69,15 @@ class SparseRetriever:
     name = "bm25"
 
     def __init__(self, kb: KnowledgeBase, tokenizer: Tokenizer, bm25_cfg: Bm25Config, *, apply_confidence: bool,
-                 prebuilt: tuple[dict[str, int], bm25.Bm25Matrix] | None = None,
+                 confidence_weight: float = 1.0, prebuilt: tuple[dict[str, int], bm25.Bm25Matrix] | None = None,
                  masks: FilterMasks | None = None) -> None:
         self.kb = kb
         self.tokenizer = tokenizer
         self.vocab, self.matrix = prebuilt if prebuilt is not None else build_bm25(kb, tokenizer, bm25_cfg)
         self.confidence = np.array([p.confidence for p in kb.passages], dtype=np.float32)
-        self._weight = self.confidence if apply_confidence else None
+        # Score multiplier per passage: 1 - w + w * confidence, in [1 - w, 1] (w = confidence_weight).
+        self.weight_factor = ((1.0 - confidence_weight) + confidence_weight * self.confidence
+                              if apply_confidence and confidence_weight > 0 else None)
         self.masks = masks if masks is not None else FilterMasks(kb)
 
     def mask(self, filters: Filters) -> npt.NDArray[np.bool_] | None:
@@ -92,7 +94,7 @@ class SparseRetriever:
 
     def search(self, query: str, k: int, filters: Filters | None = None) -> list[Hit]:
         scores = bm25.score(self.matrix, self.query_terms(query))
-        if self._weight is not None:
-            scores *= self._weight
+        if self.weight_factor is not None:
+            scores *= self.weight_factor
         idx, vals = top_k(scores, k, mask=self.mask(filters or {}), min_score=0.0)
         return [Hit(self.kb.passages[i], float(v)) for i, v in zip(idx.tolist(), vals.tolist(), strict=True)]

@@ -54,7 +54,9 @@ def test_confidence_weights_scale_scores(hybrid: HybridRetriever, runtime: Runti
     q = "how do i reset my smart plug"
     raw_idx, raw_scores = hybrid.sparse.candidates(q, 50, None)
     raw = {runtime.kb.passages[i].id: s for i, s in zip(raw_idx.tolist(), raw_scores.tolist(), strict=True)}
-    conf = {p.id: p.confidence for p in runtime.kb.passages}
+    w = runtime.cfg.retrieval.confidence_weight
+    assert 0 < w <= 1
+    conf = {p.id: 1 - w + w * p.confidence for p in runtime.kb.passages}
     weighted = hybrid.search(q, 10, None, "sparse")
     for h in weighted:
         assert h.score == pytest.approx(raw[h.passage.id] * conf[h.passage.id], rel=1e-5)

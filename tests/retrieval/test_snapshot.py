@@ -30,7 +30,7 @@ def test_round_trip_serves_the_same_results(snapshot: Path, runtime: Runtime, co
     snap = load_snapshot(snapshot, Tokenizer())
     assert len(snap.kb) == len(runtime.kb) and snap.manifest["counts"]["passages"] == len(runtime.kb)
     loaded = SparseRetriever(snap.kb, Tokenizer(), config.retrieval.bm25, apply_confidence=True,
-                             prebuilt=(snap.vocab, snap.matrix))
+                             confidence_weight=config.retrieval.confidence_weight, prebuilt=(snap.vocab, snap.matrix))
     fresh = runtime.retriever.sparse
     for q in QUERIES:
         a = [(h.passage.id, round(h.score, 5)) for h in loaded.search(q, 10)]
