@@ -107,3 +107,20 @@ def test_beir_corpus_records(tmp_path: Path) -> None:
         fh.write('{"_id": "4983", "title": "x", "text": "again"}\n')
     with pytest.raises(ValueError, match="duplicate passage id '4983'"):
         knowledge_base_from(load_corpus_records(tmp_path / "dup.jsonl"))
+
+
+def test_server_startup_refuses_a_corrupt_snapshot(snapshot: Path) -> None:
+    from server.config import load_config
+    from server.runtime import build_runtime
+
+    cfg = load_config(env={}, overrides=[f"knowledge_base.snapshot={snapshot}", "retrieval.dense.enabled=false"])
+    rt = build_runtime(cfg)  # a good snapshot serves
+    try:
+        assert len(rt.kb) == json.loads((snapshot / "manifest.json").read_text())["counts"]["passages"]
+    finally:
+        rt.close()
+    with (snapshot / "bm25.npz").open("r+b") as fh:
+        fh.seek(100)
+        fh.write(b"\x00\x01\x02")
+    with pytest.raises(SnapshotError, match=r"bm25\.npz: sha256 does not match"):
+        build_runtime(cfg)
