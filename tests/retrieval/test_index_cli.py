@@ -10,8 +10,8 @@ import pytest
 from server.cli import main
 
 PASSAGES = [
-    {"id": "p-plug-reset", "text": "Hold the plug button for ten seconds to factory reset it.", "intent": "troubleshooting",
-     "domain": "smart_home", "locale": "en-US", "confidence": 0.9, "source": "Plug guide"},
+    {"id": "p-plug-reset", "text": "Hold the plug button for ten seconds to factory reset it.",
+     "intent": "troubleshooting", "domain": "smart_home", "locale": "en-US", "confidence": 0.9, "source": "Plug guide"},
     {"id": "p-wifi", "text": "The plug needs 2.4 GHz Wi-Fi with WPA2.", "intent": "connectivity",
      "domain": "smart_home", "locale": "en-US", "confidence": 0.8, "source": "Plug guide"},
 ]
