@@ -65,20 +65,16 @@ class AnswerPipeline:
             return out
 
         # -- retrieve (mandatory)
-        early_used = req.early is not None
+        early, early_used = req.early, req.early is not None
+
+        async def retrieve() -> list[Hit]:
+            return await (early if early is not None else self.search(req.query, p.default_k, req.filters))
+
         try:
-            if req.early is not None:
-                early = req.early
-                hits = await run_stage("retrieve", lambda: _await(early), budget=first,
-                                       stage_budget_s=p.retrieve_ms / 1000, trace=trace, mandatory=True)
-            else:
-                hits = await run_stage("retrieve", lambda: self.search(req.query, p.default_k, req.filters),
-                                       budget=first, stage_budget_s=p.retrieve_ms / 1000, trace=trace,
-                                       mandatory=True)
+            hits = await run_stage("retrieve", retrieve, budget=first, stage_budget_s=p.retrieve_ms / 1000,
+                                   trace=trace, mandatory=True)
         except StageMissed as miss:
-            for ev in new_timings():
-                yield ev
-            async for ev in self._fallback(req, trace, first, miss.timing, Mode.FALLBACK, early_used):
+            async for ev in self._fallback(req, trace, first, miss.timing, Mode.FALLBACK, early_used, new_timings()):
                 yield ev
             return
         for ev in new_timings():
@@ -86,7 +82,7 @@ class AnswerPipeline:
         assert hits is not None
         if not hits:
             why = StageTiming("retrieve", 0.0, 0.0, Outcome.OK, "retrieval found no passage for the question")
-            async for ev in self._fallback(req, trace, first, why, Mode.DEGRADED, early_used):
+            async for ev in self._fallback(req, trace, first, why, Mode.DEGRADED, early_used, []):
                 yield ev
             return
 
@@ -107,9 +103,8 @@ class AnswerPipeline:
                 piece = await run_stage("generate", lambda: anext(stream, None), budget=first,
                                         stage_budget_s=p.first_token_ms / 1000, trace=trace, mandatory=True)
             except StageMissed as miss:
-                for ev in new_timings():
-                    yield ev
-                async for ev in self._fallback(req, trace, first, miss.timing, Mode.FALLBACK, early_used):
+                async for ev in self._fallback(req, trace, first, miss.timing, Mode.FALLBACK, early_used,
+                                               new_timings()):
                     yield ev
                 return
             for ev in new_timings():
@@ -117,7 +112,7 @@ class AnswerPipeline:
             if piece is None:
                 why = StageTiming("generate", 0.0, 0.0, Outcome.OK,
                                   "no retrieved sentence supports an answer to the question")
-                async for ev in self._fallback(req, trace, first, why, Mode.DEGRADED, early_used):
+                async for ev in self._fallback(req, trace, first, why, Mode.DEGRADED, early_used, []):
                     yield ev
                 return
             while piece is not None:
@@ -142,7 +137,10 @@ class AnswerPipeline:
                          first_chunk_ms=first_chunk_ms, early_retrieval_used=early_used)
 
     async def _fallback(self, req: AnswerRequest, trace: Trace, budget: Budget, cause: StageTiming, mode: Mode,
-                        early_used: bool) -> AsyncIterator[AnswerEvent]:
+                        early_used: bool, pending: list[TimingEvent]) -> AsyncIterator[AnswerEvent]:
+        """The fallback planner's spoken answer, after the timings not yet sent (`pending`)."""
+        for ev in pending:
+            yield ev
         t0 = time.perf_counter()
         answer = self.rt.planner.answer(req.query, _intent_filter(req.filters))
         fb = trace.record(StageTiming("fallback", (time.perf_counter() - t0) * 1000, 0.0, Outcome.OK,
@@ -158,10 +156,6 @@ class AnswerPipeline:
         yield FinalEvent(mode=mode, reason=reason, missed_stage=missed, timings=list(trace.timings),
                          answer_text=" ".join(sentences), generator="fallback", total_ms=budget.elapsed_ms(),
                          first_chunk_ms=first_chunk_ms, early_retrieval_used=early_used)
-
-
-async def _await(aw: Awaitable[list[Hit]]) -> list[Hit]:
-    return await aw
 
 
 def _intent_filter(filters: Filters) -> str | None:
