@@ -165,7 +165,26 @@ class RetrievalConfig:
 @dataclass
 class RerankConfig:
     enabled: bool = False
-    """Cross-encoder rerank. Off until a trained model proves it beats the fused order."""
+    """Cross-encoder rerank. Off until a trained model proves it beats the fused order on the KB dev set."""
+    model_dir: str = "data/models/reranker-kb"
+    """Folder of an ONNX cross-encoder: ours (`snaprag train-reranker`) or any Hugging Face cross-encoder
+    exported to ONNX (e.g. with optimum): model file + tokenizer.json (+ manifest.json, verified if present)."""
+    model_file: str = "model.int8.onnx"
+    """Graph inside model_dir: model.int8.onnx (dynamic INT8) or model.onnx (FP32)."""
+    tokenizer_file: str = "tokenizer.json"
+    """Tokenizer inside model_dir (Hugging Face `tokenizers` JSON)."""
+    max_length: int = 256
+    """Token limit per (query, passage) pair; the passage is truncated first."""
+    max_candidates: int = 32
+    """Most fused candidates the cross-encoder may score (fewer when the time left allows fewer)."""
+    batch_size: int = 16
+    """Pairs per ONNX run (dynamic padding to the batch's longest pair)."""
+    intra_op_threads: int = 0
+    """ONNX Runtime threads per run; 0 = one per core."""
+    score_weight: float = 1.0
+    """Final score = w * cross-encoder probability + (1 - w) * min-max normalised fused score."""
+    prior_pair_ms: float = 1.5
+    """Assumed cost of one pair until the stage has measured its own (it learns online)."""
 
 
 @dataclass
