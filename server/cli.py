@@ -11,6 +11,7 @@
     snaprag index verify DIR                              check a snapshot's manifest and checksums
     snaprag eval --corpus C --queries Q --qrels R         retrieval quality on a BEIR-layout collection
     snaprag eval --kb voice --split dev                   ...or on a knowledge base's golden questions
+    snaprag train-reranker --out build/models/reranker-kb train, export and gate the cross-encoder
 """
 
 from __future__ import annotations
@@ -107,11 +108,23 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print the figures as JSON keyed by method")
     ev.add_argument("--config")
     ev.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+
+    # Its options live in server/rerank/train.py (which imports torch); everything after the command,
+    # --help included, is handed over unparsed (see `main`).
+    sub.add_parser("train-reranker", add_help=False,
+                   help="train the cross-encoder re-ranker, export ONNX FP32 + INT8, gate it on KB dev")
     return ap
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "train-reranker":
+        from server.rerank.train import main as train_main
+
+        return train_main(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command in ("index", "eval"):
         from server.offline import run_eval, run_index
 

@@ -117,7 +117,10 @@ class DenseConfig:
     model_dir: str = "build/models/all-MiniLM-L6-v2"
     """Exported ONNX encoder folder: model.onnx, tokenizer.json, manifest.json."""
     max_length: int = 256
-    """Token limit per passage at index time (queries are short and never reach it)."""
+    """Token limit per passage at index time."""
+    query_max_length: int = 64
+    """Token limit per query: spoken questions are ~12 tokens; a 2,000-character query is cut here so
+    encoding it cannot take the whole retrieval budget."""
     batch_size: int = 32
     """Passages per ONNX run when indexing."""
     intra_op_threads: int = 0

@@ -26,7 +26,7 @@ def _encoder(cfg: Any, want_dense: bool) -> Any:
 
     dc = cfg.retrieval.dense
     return OnnxEncoder.load(cfg.resolve_path(dc.model_dir), max_length=dc.max_length,
-                            intra_op_threads=dc.intra_op_threads)
+                            intra_op_threads=dc.intra_op_threads, query_max_length=dc.query_max_length)
 
 
 def run_index(args: argparse.Namespace) -> int:

@@ -50,6 +50,10 @@ class Runtime:
     cpu: ThreadPoolExecutor
     load_s: float = 0.0
     stats: dict[str, float] = field(default_factory=dict)
+    reranker: Any = None
+    """The cross-encoder (server.rerank.cross_encoder.CrossEncoder) when rerank.enabled, else None."""
+    rerank_pair_ms: float | None = None
+    """What the reranker's warm-up measured per pair on this machine (seeds the stage's cost model)."""
 
     def close(self) -> None:
         self.cpu.shutdown(wait=False, cancel_futures=True)
@@ -71,7 +75,7 @@ def load_encoder(cfg: Config) -> OnnxEncoder | None:
     from server.retrieval.encoder import OnnxEncoder
 
     return OnnxEncoder.load(cfg.resolve_path(dc.model_dir), max_length=dc.max_length,
-                            intra_op_threads=dc.intra_op_threads)
+                            intra_op_threads=dc.intra_op_threads, query_max_length=dc.query_max_length)
 
 
 def build_retriever(kb: KnowledgeBase, cfg: Config, tokenizer: Tokenizer, *, encoder: Any = None,
@@ -99,8 +103,22 @@ def build_retriever(kb: KnowledgeBase, cfg: Config, tokenizer: Tokenizer, *, enc
     return HybridRetriever(kb, sparse, dense, cfg.retrieval.fusion, apply_confidence=cfg.retrieval.apply_confidence)
 
 
+def load_reranker(cfg: Config) -> tuple[Any, float | None]:
+    """The cross-encoder when rerank is enabled, loaded and warmed (a bad model stops startup here)."""
+    rc = cfg.rerank
+    if not rc.enabled:
+        return None, None
+    from server.rerank.cross_encoder import CrossEncoder
+
+    reranker = CrossEncoder.load(cfg.resolve_path(rc.model_dir), model_file=rc.model_file,
+                                 tokenizer_file=rc.tokenizer_file, max_length=rc.max_length,
+                                 intra_op_threads=rc.intra_op_threads)
+    return reranker, reranker.warm_up(batch_size=rc.batch_size)
+
+
 def build_runtime(cfg: Config) -> Runtime:
     t0 = time.perf_counter()
+    reranker, pair_ms = load_reranker(cfg)
     tokenizer = make_tokenizer(cfg)
     encoder = load_encoder(cfg)
     if cfg.knowledge_base.snapshot:
@@ -121,7 +139,8 @@ def build_runtime(cfg: Config) -> Runtime:
     planner = FallbackPlanner.load(cfg.resolve_path(cfg.fallback.rules_path), vocabulary, fault_codes_path)
     rt = Runtime(cfg=cfg, kb=kb, tokenizer=tokenizer, retriever=retriever, generator=generator, planner=planner,
                  vocabulary=vocabulary, fault_codes=load_fault_codes(fault_codes_path),
-                 cpu=ThreadPoolExecutor(max_workers=cfg.server.cpu_workers, thread_name_prefix="snaprag-cpu"))
+                 cpu=ThreadPoolExecutor(max_workers=cfg.server.cpu_workers, thread_name_prefix="snaprag-cpu"),
+                 reranker=reranker, rerank_pair_ms=pair_ms)
     rt.load_s = time.perf_counter() - t0
     log.info("loaded %d passages (%d terms, dense %s) and %d fallback rules in %.0f ms", len(kb), len(sparse.vocab),
              "on" if retriever.dense is not None else "off", len(planner.rulebook.fault_rules), rt.load_s * 1000)

@@ -21,6 +21,7 @@ from server.generate.base import AnswerPiece, GenerationRequest
 from server.generate.sentences import split_sentences
 from server.pipeline.budget import Budget
 from server.pipeline.events import AnswerEvent, ChunkEvent, CitationsEvent, FinalEvent, Mode, TimingEvent
+from server.pipeline.rerank import RerankStage
 from server.pipeline.stage import Outcome, StageMissed, StageTiming, Trace, run_stage
 from server.retrieval.sparse import Filters, Hit
 from server.runtime import Runtime
@@ -43,11 +44,12 @@ class AnswerRequest:
 class AnswerPipeline:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
+        self.rerank = RerankStage(rt.cfg.rerank, rt.reranker, rt.cpu, measured_pair_ms=rt.rerank_pair_ms)
 
     def search(self, query: str, k: int, filters: Filters) -> Awaitable[list[Hit]]:
-        """Retrieval off the event loop, in the CPU pool."""
+        """Retrieval off the event loop, in the CPU pool (a deeper list when rerank needs a head)."""
         loop = asyncio.get_running_loop()
-        return loop.run_in_executor(self.rt.cpu, self.rt.retriever.search, query, k, filters)
+        return loop.run_in_executor(self.rt.cpu, self.rt.retriever.search, query, self.rerank.fetch_k(k), filters)
 
     async def run(self, req: AnswerRequest) -> AsyncIterator[AnswerEvent]:
         p = req.profile
@@ -86,9 +88,11 @@ class AnswerPipeline:
                 yield ev
             return
 
-        # -- rerank (optional)
-        if not self.rt.cfg.rerank.enabled:
-            trace.skipped("rerank", "disabled in config (rerank.enabled = false)")
+        # -- rerank (optional): as much of the head as fits; a miss keeps the fused order
+        hits = await self.rerank.run(req.query, hits, p.default_k, budget=first, stage_budget_s=p.rerank_ms / 1000,
+                                     trace=trace)
+        for ev in new_timings():
+            yield ev
 
         # -- generate (mandatory): the first sentence must arrive inside the first-chunk budget
         gen = self.rt.generator
@@ -132,6 +136,10 @@ class AnswerPipeline:
         finally:
             with contextlib.suppress(Exception):
                 await stream.aclose()
+        optional_miss = trace.degraded_by
+        if mode is Mode.FULL and optional_miss is not None:
+            mode, missed = Mode.DEGRADED, optional_miss.stage
+            reason = f"{optional_miss.stage} {optional_miss.detail}; kept the fused order"
         yield FinalEvent(mode=mode, reason=reason, missed_stage=missed, timings=list(trace.timings),
                          answer_text=_with_markers(pieces), generator=gen.name, total_ms=first.elapsed_ms(),
                          first_chunk_ms=first_chunk_ms, early_retrieval_used=early_used)

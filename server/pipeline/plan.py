@@ -68,6 +68,8 @@ class PlanPipeline:
                                                          max(p.default_k, 8), {"domain": ["warehouse"]}),
                 budget=budget, stage_budget_s=p.retrieve_ms / 1000, trace=trace, mandatory=True)
             assert hits is not None
+            # Procedures are chosen by fault code and model, which a relevance reranker cannot improve.
+            trace.skipped("rerank", "not used for plans: the procedure is chosen by fault code and model")
             chosen = await run_stage("plan", lambda: _now(self.choose(hits, s)), budget=budget,
                                      stage_budget_s=p.plan_ms / 1000, trace=trace, mandatory=True)
         except StageMissed as miss:

@@ -64,7 +64,8 @@ class Trace:
 
     @property
     def degraded_by(self) -> StageTiming | None:
-        """The first optional stage that missed or failed, if any."""
+        """The first stage that missed or failed, if any (after a mandatory miss the fallback answered;
+        an optional one leaves the answer DEGRADED)."""
         for t in self.timings:
             if t.outcome in (Outcome.MISSED_BUDGET, Outcome.FAILED):
                 return t
@@ -72,7 +73,7 @@ class Trace:
 
 
 async def run_stage(name: str, work: Callable[[], Awaitable[T]], *, budget: Budget, stage_budget_s: float,
-                    trace: Trace, mandatory: bool) -> T | None:
+                    trace: Trace, mandatory: bool, ok_detail: str = "") -> T | None:
     """Run one stage under min(stage budget, time left). Cancellation from outside always propagates."""
     timeout = budget.for_stage(stage_budget_s)
     budget_ms = timeout * 1000.0
@@ -92,7 +93,7 @@ async def run_stage(name: str, work: Callable[[], Awaitable[T]], *, budget: Budg
             log.warning("stage %s failed: %r", name, e, exc_info=log.isEnabledFor(logging.DEBUG))
             timing = StageTiming(name, _ms(start), budget_ms, Outcome.FAILED, f"{type(e).__name__}: {e}"[:300])
         else:
-            trace.record(StageTiming(name, _ms(start), budget_ms, Outcome.OK))
+            trace.record(StageTiming(name, _ms(start), budget_ms, Outcome.OK, ok_detail))
             return result
     trace.record(timing)
     if mandatory:

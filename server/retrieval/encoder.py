@@ -147,7 +147,7 @@ class OnnxEncoder:
     """
 
     def __init__(self, session: ort.InferenceSession, tokenizer: Tokenizer, manifest: EncoderManifest,
-                 *, max_length: int, model_dir: Path) -> None:
+                 *, max_length: int, model_dir: Path, query_max_length: int | None = None) -> None:
         self._session = session
         self._tokenizer = tokenizer
         self._manifest = manifest
@@ -158,6 +158,12 @@ class OnnxEncoder:
         if missing:
             raise EncoderError(f"dense encoder {model_dir / MODEL_FILE} has no input {sorted(missing)}; {FIX}")
         self._wants_token_types = "token_type_ids" in inputs
+        # Queries get their own, shorter limit: spoken questions are a dozen tokens, and a pathological
+        # 2,000-character query must not spend the whole retrieval budget in the encoder.
+        self._query_tokenizer = tokenizer
+        if query_max_length is not None and query_max_length < max_length:
+            self._query_tokenizer = Tokenizer.from_str(tokenizer.to_str())
+            self._query_tokenizer.enable_truncation(query_max_length)
         self._outputs = [OUTPUT_NAME]
         # Reused by every `encode_query`: a [1, L] slice of a [1, max_length] row is contiguous, so
         # onnxruntime takes it without a copy. Read-only, so concurrent callers can share them.
@@ -170,7 +176,7 @@ class OnnxEncoder:
 
     @classmethod
     def load(cls, model_dir: Path, *, max_length: int = 256, intra_op_threads: int = 0,
-             providers: Sequence[str] | None = None) -> OnnxEncoder:
+             providers: Sequence[str] | None = None, query_max_length: int | None = None) -> OnnxEncoder:
         """Open an exported encoder folder, verifying model.onnx and tokenizer.json against the manifest.
 
         max_length: token limit per text, special tokens included; longer texts are truncated (as
@@ -203,7 +209,8 @@ class OnnxEncoder:
             session = ort.InferenceSession(str(model_path), session_options(intra_op_threads), providers=chosen)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types, not one base
             raise EncoderError(f"dense encoder model {model_path} does not load in onnxruntime ({exc}); {FIX}") from exc
-        return cls(session, tokenizer, manifest, max_length=max_length, model_dir=model_dir)
+        return cls(session, tokenizer, manifest, max_length=max_length, model_dir=model_dir,
+                   query_max_length=query_max_length)
 
     # -- identity ---------------------------------------------------------------------------------
 
@@ -244,7 +251,7 @@ class OnnxEncoder:
         length, shared mask buffers, no sorting or padding."""
         if not isinstance(text, str):
             raise TypeError(f"encode_query takes a str, got {type(text).__name__}")
-        ids = self._tokenizer.encode(text).ids
+        ids = self._query_tokenizer.encode(text).ids
         n = len(ids)
         feed = {"input_ids": np.array(ids, dtype=np.int64).reshape(1, n), "attention_mask": self._ones[:, :n]}
         if self._wants_token_types:

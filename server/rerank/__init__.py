@@ -1,0 +1,1 @@
+"""Cross-encoder rerank: the ONNX scorer (`cross_encoder`) and the budget-aware selection (`budget`)."""
