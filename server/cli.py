@@ -103,7 +103,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--kb", choices=("voice", "warehouse", "all"), help="evaluate on our knowledge bases instead")
     ev.add_argument("--split", choices=("train", "dev"), default="dev", help="golden split with --kb (default dev)")
     ev.add_argument("--methods", default="bm25,dense,hybrid-rrf,hybrid-convex",
-                    help="comma-separated: bm25, dense, hybrid-rrf, hybrid-convex (default: all)")
+                    help="comma-separated: bm25, dense, hybrid-rrf, hybrid-convex, hybrid-rerank (the configured "
+                         "fusion + the cross-encoder in rerank.model_dir; default: all but hybrid-rerank)")
     ev.add_argument("--limit", type=int, default=0, help="evaluate only the first N queries")
     ev.add_argument("--json", action="store_true", help="print the figures as JSON keyed by method")
     ev.add_argument("--config")

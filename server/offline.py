@@ -12,7 +12,8 @@ from server.evaluation import Collection, load_beir, markdown_table, run_method,
 from server.knowledge import load_golden, load_knowledge_base
 from server.runtime import build_retriever, make_tokenizer
 
-METHOD_MODES = {"bm25": "sparse", "dense": "dense", "hybrid-rrf": "rrf", "hybrid-convex": "convex"}
+METHOD_MODES = {"bm25": "sparse", "dense": "dense", "hybrid-rrf": "rrf", "hybrid-convex": "convex",
+                "hybrid-rerank": "default"}
 
 
 def _log(msg: str) -> None:
@@ -81,6 +82,18 @@ def _collection(args: argparse.Namespace) -> Collection:
     return load_beir(args.corpus, args.queries, args.qrels)
 
 
+def _reranked(query: str, retriever: Any, reranker: Any, cfg: Any) -> list[str]:
+    """The serving path without a clock: the configured fusion, then the cross-encoder over the head
+    (`rerank.max_candidates`), interpolated with the fused score (`rerank.score_weight`)."""
+    from server.rerank.budget import rerank_scores
+
+    hits = retriever.search(query, 100)
+    head = hits[: cfg.rerank.max_candidates]
+    logits = reranker.score(query, [h.passage.text for h in head], batch_size=cfg.rerank.batch_size)
+    order, _ = rerank_scores([h.score for h in hits], logits, cfg.rerank.score_weight)
+    return [hits[i].passage.id for i in order.tolist()]
+
+
 def run_eval(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides=args.set)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -93,12 +106,20 @@ def run_eval(args: argparse.Namespace) -> int:
     want_dense = any(METHOD_MODES[m] != "sparse" for m in methods)
     encoder = _encoder(cfg, want_dense)
     retriever = build_retriever(col.kb, cfg, make_tokenizer(cfg), encoder=encoder, progress=True)
+    reranker = None
+    if "hybrid-rerank" in methods:
+        from server.runtime import load_reranker
+
+        cfg.rerank.enabled = True  # evaluation asks for it whatever the serving default is
+        reranker, _ = load_reranker(cfg)
     results: dict[str, dict[str, float]] = {}
     try:
         for m in methods:
             mode = METHOD_MODES[m]
 
             def search(q: str, mode: Any = mode) -> list[str]:
+                if mode == "default":
+                    return _reranked(q, retriever, reranker, cfg)
                 return [h.passage.id for h in retriever.search(q, 100, None, mode)]
 
             run, ms = run_method(search, queries, label=m)
