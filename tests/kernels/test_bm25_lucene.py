@@ -23,22 +23,12 @@ from kernels.bm25 import VARIANTS, build, build_lucene, build_okapi, lucene_idf,
 from kernels.topk import top_k
 from server.knowledge import load_golden, load_knowledge_base
 from server.retrieval.text import Tokenizer
+from tests.kernels.test_bm25 import index, query_ids
 
 REPO = Path(__file__).resolve().parents[2]
 KB_DIRS = (REPO / "data/kb/voice", REPO / "data/kb/warehouse")
 RTOL = 1e-6
 TOP = 10
-
-
-def index(raw_docs: Sequence[Sequence[str]]) -> tuple[dict[str, int], list[list[int]]]:
-    """Term ids in order of first appearance, as SparseRetriever assigns them."""
-    vocab: dict[str, int] = {}
-    docs = [[vocab.setdefault(t, len(vocab)) for t in doc] for doc in raw_docs]
-    return vocab, docs
-
-
-def query_ids(vocab: dict[str, int], tokens: Sequence[str]) -> list[int]:
-    return [vocab.get(t, -1) for t in tokens]
 
 
 def reference(vocab: dict[str, int], docs: list[list[int]], *, k1: float = 1.5, b: float = 0.75,
