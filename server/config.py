@@ -70,7 +70,7 @@ class ProfileConfig:
 
 def _voice_profile() -> ProfileConfig:
     return ProfileConfig(total_ms=800.0, retrieve_ms=120.0, rerank_ms=80.0, first_token_ms=300.0,
-                         first_chunk_ms=800.0, plan_ms=40.0, fallback_reserve_ms=10.0, default_k=5)
+                         first_chunk_ms=800.0, plan_ms=40.0, fallback_reserve_ms=50.0, default_k=5)
 
 
 def _robot_profile() -> ProfileConfig:
@@ -363,6 +363,28 @@ class Config:
             raise ConfigError("knowledge_base.paths: at least one knowledge-base folder is needed")
         if not 0.0 <= self.retrieval.confidence_weight <= 1.0:
             raise ConfigError("retrieval.confidence_weight: must be in [0, 1]")
+        g = self.generation
+        if g.voice.fallback != "extractive":
+            raise ConfigError("generation.voice.fallback: must be \"extractive\" (the fallback planner "
+                              "already answers when every tier fails)")
+        if g.voice.backend == "none":
+            raise ConfigError("generation.voice.backend: \"none\" is for robot plans; voice needs "
+                              "extractive, local or vllm")
+        if g.robot.fallback != "rules":
+            raise ConfigError("generation.robot.fallback: must be \"rules\" (robot plans fall back to the "
+                              "deterministic planner)")
+        if g.robot.backend == "extractive":
+            raise ConfigError("generation.robot.backend: extractive cannot write plans; use none, local or "
+                              "vllm")
+        for name, pol in (("voice", g.voice), ("robot", g.robot)):
+            if pol.max_tokens < 1:
+                raise ConfigError(f"generation.{name}.max_tokens: must be >= 1")
+        if not g.vllm.endpoints and "vllm" in (g.voice.backend, g.robot.backend):
+            raise ConfigError("generation.vllm.endpoints: at least one vLLM URL is needed when a policy uses "
+                              "the vllm backend")
+        for entry in g.local.adapters:
+            if "=" not in entry:
+                raise ConfigError(f"generation.local.adapters: {entry!r} must be NAME=DIR")
         if not 0.0 <= self.voice.early_retrieval_stability <= 1.0:
             raise ConfigError("voice.early_retrieval_stability: must be in [0, 1]")
         return self

@@ -54,6 +54,24 @@ class Runtime:
     """The cross-encoder (server.rerank.cross_encoder.CrossEncoder) when rerank.enabled, else None."""
     rerank_pair_ms: float | None = None
     """What the reranker's warm-up measured per pair on this machine (seeds the stage's cost model)."""
+    backends: dict[str, Any] = field(default_factory=dict)
+    """Model backends by kind ("vllm", "local"; server.generate.backend.TextBackend), shared by the voice
+    and robot policies; started before health reports SERVING, closed on shutdown."""
+    robot_backend: Any = None
+    """The backend that may adapt robot plans ([generation.robot]); None = RETRIEVED and RULES only."""
+    prompts: Any = None
+    """server.generate.prompt.PromptBuilder for model tiers (None when no model tier is configured)."""
+
+    async def start_backends(self) -> None:
+        for backend in self.backends.values():
+            await backend.start()
+
+    async def close_backends(self) -> None:
+        for backend in self.backends.values():
+            try:
+                await backend.close()
+            except Exception:  # shutdown goes on; the log says what did not close cleanly
+                log.exception("closing the %s backend failed", backend.name)
 
     def close(self) -> None:
         self.cpu.shutdown(wait=False, cancel_futures=True)
@@ -116,6 +134,42 @@ def load_reranker(cfg: Config) -> tuple[Any, float | None]:
     return reranker, reranker.warm_up(batch_size=rc.batch_size)
 
 
+def build_backends(cfg: Config) -> dict[str, Any]:
+    """One backend per kind the policies name (imports only what is used: no torch for vllm-only)."""
+    kinds = {cfg.generation.voice.backend, cfg.generation.robot.backend} & {"vllm", "local"}
+    backends: dict[str, Any] = {}
+    if "vllm" in kinds:
+        from server.generate.vllm import VllmBackend
+
+        backends["vllm"] = VllmBackend(cfg.generation.vllm)
+    if "local" in kinds:
+        from server.generate.local import LocalBackend
+
+        backends["local"] = LocalBackend(cfg.generation.local, cfg.resolve_path)
+    return backends
+
+
+def build_voice_generator(cfg: Config, extractive: ExtractiveGenerator, backends: Mapping[str, Any],
+                          tokenizer: Tokenizer, encoder: Any, cpu: ThreadPoolExecutor) -> tuple[Generator, Any]:
+    """The voice policy's generator, and the prompt builder model tiers share (None without one)."""
+    from server.generate.grounding import GroundingChecker
+    from server.generate.policy import PolicyGenerator
+    from server.generate.prompt import PromptBuilder, approx_tokens
+
+    g = cfg.generation
+    if not backends:
+        return PolicyGenerator(g.voice, g, extractive=extractive), None
+    # Prompt sizes are counted with the model's own tokenizer when the backend has one in process,
+    # else with MiniLM's WordPiece (close to a BPE count for English), else by characters.
+    counter = next((b.count_tokens for b in backends.values() if hasattr(b, "count_tokens")), None)
+    if counter is None:
+        counter = encoder.count_tokens if encoder is not None else approx_tokens
+    prompts = PromptBuilder(g.prompt, counter)
+    grounding = GroundingChecker(g.grounding, tokenizer, encoder)
+    return PolicyGenerator(g.voice, g, extractive=extractive, backend=backends.get(g.voice.backend),
+                           prompts=prompts, grounding=grounding, cpu=cpu), prompts
+
+
 def build_runtime(cfg: Config) -> Runtime:
     t0 = time.perf_counter()
     reranker, pair_ms = load_reranker(cfg)
@@ -132,15 +186,18 @@ def build_runtime(cfg: Config) -> Runtime:
         kb = load_knowledge_base([cfg.resolve_path(p) for p in cfg.knowledge_base.paths])
         retriever = build_retriever(kb, cfg, tokenizer, encoder=encoder)
     sparse = retriever.sparse
-    generator = ExtractiveGenerator(tokenizer, idf_lookup(sparse.vocab, sparse.matrix.idf.tolist()),
-                                    max_passages=cfg.generation.max_passages, min_support=cfg.generation.min_support)
+    extractive = ExtractiveGenerator(tokenizer, idf_lookup(sparse.vocab, sparse.matrix.idf.tolist()),
+                                     max_passages=cfg.generation.max_passages, min_support=cfg.generation.min_support)
+    cpu = ThreadPoolExecutor(max_workers=cfg.server.cpu_workers, thread_name_prefix="snaprag-cpu")
+    backends = build_backends(cfg)
+    generator, prompts = build_voice_generator(cfg, extractive, backends, tokenizer, encoder, cpu)
     vocabulary = ActionVocabulary.load(cfg.resolve_path(cfg.fallback.actions_path))
     fault_codes_path = cfg.resolve_path(cfg.fallback.fault_codes_path)
     planner = FallbackPlanner.load(cfg.resolve_path(cfg.fallback.rules_path), vocabulary, fault_codes_path)
     rt = Runtime(cfg=cfg, kb=kb, tokenizer=tokenizer, retriever=retriever, generator=generator, planner=planner,
                  vocabulary=vocabulary, fault_codes=load_fault_codes(fault_codes_path),
-                 cpu=ThreadPoolExecutor(max_workers=cfg.server.cpu_workers, thread_name_prefix="snaprag-cpu"),
-                 reranker=reranker, rerank_pair_ms=pair_ms)
+                 cpu=cpu, reranker=reranker, rerank_pair_ms=pair_ms, backends=backends,
+                 robot_backend=backends.get(cfg.generation.robot.backend), prompts=prompts)
     rt.load_s = time.perf_counter() - t0
     log.info("loaded %d passages (%d terms, dense %s) and %d fallback rules in %.0f ms", len(kb), len(sparse.vocab),
              "on" if retriever.dense is not None else "off", len(planner.rulebook.fault_rules), rt.load_s * 1000)

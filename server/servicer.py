@@ -380,7 +380,16 @@ def answer_event_pb(ev: AnswerEvent, utterance: int, request_id: str) -> pb.Answ
         mode=MODE_PB[ev.mode.value], reason=ev.reason, missed_stage=ev.missed_stage,
         timings=[timing_pb(t) for t in ev.timings], answer_text=ev.answer_text, generator=ev.generator,
         total_ms=ev.total_ms, first_chunk_ms=ev.first_chunk_ms, early_retrieval_used=ev.early_retrieval_used,
-        interrupted=ev.interrupted, request_id=request_id))
+        interrupted=ev.interrupted, request_id=request_id, generation=_generation_pb(ev)))
+
+
+def _generation_pb(ev: FinalEvent) -> pb.GenerationInfo:
+    r = ev.generation
+    if r is None:  # the fallback planner answered: no generator ran to completion
+        return pb.GenerationInfo(backend=ev.generator)
+    return pb.GenerationInfo(backend=r.backend or ev.generator, model=r.model, adapter=r.adapter, ttft_ms=r.ttft_ms,
+                             tokens=r.tokens, fallback_reason=r.fallback_reason,
+                             ungrounded_dropped=len(r.ungrounded), prompt_trims=list(r.prompt_trims))
 
 
 def _param_pb(value: Any) -> pb.ParamValue:

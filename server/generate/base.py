@@ -8,10 +8,48 @@ generator's await point; a generator must release what it holds in `finally` and
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from server.retrieval.sparse import Hit
+
+
+@dataclass(slots=True)
+class GenerationRecord:
+    """What one generation call did; filled in by the generator as it runs, reported in the final event
+    and the log (seed 002)."""
+
+    backend: str = ""
+    model: str = ""
+    adapter: str = ""
+    ttft_ms: float = 0.0
+    tokens: int = 0
+    fallback_reason: str = ""
+    ungrounded: list[str] = field(default_factory=list)
+    """One line per generated sentence the grounding check refused, with why."""
+    prompt_trims: tuple[str, ...] = ()
+    stopped_reason: str = ""
+    """Set when a model stream ended early after sentences were spoken (stall, failure)."""
+
+    @property
+    def degraded_reason(self) -> str:
+        """Why the answer is not FULL because of generation ('' when it is)."""
+        parts = []
+        if self.fallback_reason:
+            parts.append(f"{self.fallback_reason}; answered by the {self.backend} tier")
+        if self.ungrounded:
+            parts.append(f"{len(self.ungrounded)} ungrounded sentence(s) not spoken")
+        if self.stopped_reason:
+            parts.append(self.stopped_reason)
+        return "; ".join(parts)
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationTurn:
+    """One earlier exchange of a Converse session (carried into the prompt)."""
+
+    question: str
+    answer: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,6 +57,14 @@ class GenerationRequest:
     question: str
     passages: Sequence[Hit]
     max_sentences: int = 3
+    first_token_s: float = 1.0
+    """Time-to-first-token limit for a model tier (the profile's first_token_ms, or less if less is left)."""
+    first_chunk_deadline: float | None = None
+    """Absolute monotonic time by which the first sentence must be out: a model tier that cannot make it
+    hands over to its fallback tier early enough for that tier to answer in time."""
+    turns: Sequence[ConversationTurn] = ()
+    summary: str = ""
+    record: GenerationRecord = field(default_factory=GenerationRecord)
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 
 from server.config import ProfileConfig
-from server.generate.base import AnswerPiece, GenerationRequest
+from server.generate.base import AnswerPiece, ConversationTurn, GenerationRecord, GenerationRequest
 from server.generate.sentences import split_sentences
 from server.pipeline.budget import Budget
 from server.pipeline.events import AnswerEvent, ChunkEvent, CitationsEvent, FinalEvent, Mode, TimingEvent
@@ -25,6 +26,8 @@ from server.pipeline.rerank import RerankStage
 from server.pipeline.stage import Outcome, StageMissed, StageTiming, Trace, run_stage
 from server.retrieval.sparse import Filters, Hit
 from server.runtime import Runtime
+
+log = logging.getLogger(__name__)
 
 # Between two sentences of a streamed answer: longer than this and the answer ends DEGRADED.
 STALL_S = 2.0
@@ -38,6 +41,9 @@ class AnswerRequest:
     client_remaining_s: float | None = None
     # Retrieval started on a stable partial transcript, reusable for this query (Converse).
     early: Awaitable[list[Hit]] | None = None
+    # Converse: the session's recent turns and summary of older ones, for model tiers' prompts.
+    turns: tuple[ConversationTurn, ...] = ()
+    summary: str = ""
     started: float = field(default_factory=time.monotonic)
 
 
@@ -94,9 +100,17 @@ class AnswerPipeline:
         for ev in new_timings():
             yield ev
 
-        # -- generate (mandatory): the first sentence must arrive inside the first-chunk budget
+        # -- generate (mandatory): the first sentence must arrive inside the first-chunk budget. A model
+        # tier gets the profile's first-token limit and hands over to its fallback tier (extractive)
+        # early enough for that tier to answer inside the same budget; only if the whole generator
+        # fails does the fallback planner speak.
         gen = self.rt.generator
-        gen_req = GenerationRequest(req.query, hits, self.rt.cfg.generation.max_sentences)
+        gen_window = first.for_stage(float("inf"))
+        gen_req = GenerationRequest(req.query, hits, self.rt.cfg.generation.max_sentences,
+                                    first_token_s=min(p.first_token_ms / 1000, gen_window),
+                                    first_chunk_deadline=time.monotonic() + gen_window,
+                                    turns=req.turns, summary=req.summary)
+        record = gen_req.record
         yield CitationsEvent(gen.sources(gen_req))
         stream = gen.stream(gen_req)
         pieces: list[AnswerPiece] = []
@@ -105,7 +119,7 @@ class AnswerPipeline:
         try:
             try:
                 piece = await run_stage("generate", lambda: anext(stream, None), budget=first,
-                                        stage_budget_s=p.first_token_ms / 1000, trace=trace, mandatory=True)
+                                        stage_budget_s=gen_window, trace=trace, mandatory=True)
             except StageMissed as miss:
                 async for ev in self._fallback(req, trace, first, miss.timing, Mode.FALLBACK, early_used,
                                                new_timings()):
@@ -140,9 +154,13 @@ class AnswerPipeline:
         if mode is Mode.FULL and optional_miss is not None:
             mode, missed = Mode.DEGRADED, optional_miss.stage
             reason = f"{optional_miss.stage} {optional_miss.detail}; kept the fused order"
+        if mode is Mode.FULL and record.degraded_reason:
+            mode, missed, reason = Mode.DEGRADED, "generate", record.degraded_reason
+        log_generation(record)
         yield FinalEvent(mode=mode, reason=reason, missed_stage=missed, timings=list(trace.timings),
-                         answer_text=_with_markers(pieces), generator=gen.name, total_ms=first.elapsed_ms(),
-                         first_chunk_ms=first_chunk_ms, early_retrieval_used=early_used)
+                         answer_text=_with_markers(pieces), generator=record.backend or gen.name,
+                         total_ms=first.elapsed_ms(), first_chunk_ms=first_chunk_ms, early_retrieval_used=early_used,
+                         generation=record)
 
     async def _fallback(self, req: AnswerRequest, trace: Trace, budget: Budget, cause: StageTiming, mode: Mode,
                         early_used: bool, pending: list[TimingEvent]) -> AsyncIterator[AnswerEvent]:
@@ -164,6 +182,14 @@ class AnswerPipeline:
         yield FinalEvent(mode=mode, reason=reason, missed_stage=missed, timings=list(trace.timings),
                          answer_text=" ".join(sentences), generator="fallback", total_ms=budget.elapsed_ms(),
                          first_chunk_ms=first_chunk_ms, early_retrieval_used=early_used)
+
+
+def log_generation(record: GenerationRecord) -> None:
+    """One line per generation call: which tier answered, how fast, and why it fell back (seed 002)."""
+    if record.backend:
+        log.info("generation backend=%s model=%s adapter=%s ttft_ms=%.1f tokens=%d fallback=%r ungrounded=%d "
+                 "trims=%d", record.backend, record.model or "-", record.adapter or "-", record.ttft_ms,
+                 record.tokens, record.fallback_reason, len(record.ungrounded), len(record.prompt_trims))
 
 
 def _intent_filter(filters: Filters) -> str | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
-from server.generate.base import Source
+from server.generate.base import GenerationRecord, Source
 from server.pipeline.stage import StageTiming
 from server.retrieval.sparse import Hit
 from server.robot_plan import PlanStep
@@ -52,6 +52,7 @@ class FinalEvent:
     first_chunk_ms: float
     early_retrieval_used: bool = False
     interrupted: bool = False
+    generation: GenerationRecord | None = None
 
 
 AnswerEvent = ChunkEvent | CitationsEvent | TimingEvent | FinalEvent

@@ -117,7 +117,7 @@ async def test_slow_generation_misses_first_token_budget(make_server: Any) -> No
     final = _final(events)
     assert final.mode == pb.FALLBACK and final.missed_stage == "generate"
     gen_t = next(t for t in final.timings if t.stage == "generate")
-    assert gen_t.outcome == pb.MISSED_BUDGET and gen_t.budget_ms <= 300
+    assert gen_t.outcome == pb.MISSED_BUDGET and gen_t.budget_ms <= 800
     assert final.first_chunk_ms < 800 and wall < 0.8
     assert gen.closed == 1 and gen.produced == 0, "the late generator was cancelled and cleaned up"
 
