@@ -62,6 +62,9 @@ class ProfileConfig:
     """Voice: time from the final transcript to the first spoken answer chunk."""
     plan_ms: float = 40.0
     """Robots: choosing and validating a plan from the retrieved procedures."""
+    model_ms: float = 80.0
+    """Robots: a model adapting the retrieved procedure ([generation.robot]; optional: a miss or an
+    invalid plan keeps the retrieved procedure)."""
     fallback_reserve_ms: float = 5.0
     """Time kept back from every stage so the fallback planner always answers inside the deadline."""
     default_k: int = 5

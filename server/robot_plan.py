@@ -18,7 +18,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Final, Literal, TypeAlias
+from typing import Any, Final, Literal, TypeAlias
 
 ParamValue: TypeAlias = str | int | float
 Severity: TypeAlias = Literal["critical", "major", "minor"]
@@ -210,6 +210,32 @@ class ActionVocabulary:
         if problems:
             raise PlanValidationError(problems)
         return tuple(steps)
+
+    def json_schema(self) -> dict[str, Any]:
+        """JSON Schema of a plan `{"steps": [...]}` in this vocabulary: one branch per action with its
+        exact parameters, so a constrained decoder (vLLM structured outputs) cannot produce an unknown
+        action or a parameter of the wrong type. The validator still checks everything afterwards."""
+        json_type = {int: "integer", float: "number", str: "string", bool: "boolean"}
+        branches = []
+        for name in sorted(self._specs):
+            spec = self._specs[name]
+            params = {k: {"type": json_type.get(t, "string")} for k, t in spec.params.items()}
+            branches.append({"type": "object", "additionalProperties": False, "required": ["action", "params"],
+                             "properties": {"action": {"const": name},
+                                            "params": {"type": "object", "additionalProperties": False,
+                                                       "required": sorted(params), "properties": params}}})
+        return {"type": "object", "additionalProperties": False, "required": ["steps"],
+                "properties": {"steps": {"type": "array", "minItems": 1, "maxItems": MAX_PLAN_STEPS,
+                                         "items": {"anyOf": branches}}}}
+
+    def describe(self) -> str:
+        """One line per action, `name(param: type, ...): doc`, for a model's prompt."""
+        lines = []
+        for name in sorted(self._specs):
+            spec = self._specs[name]
+            params = ", ".join(f"{k}: {t.__name__}" for k, t in spec.params.items())
+            lines.append(f"- {name}({params}): {spec.doc}")
+        return "\n".join(lines)
 
     def validate(self, steps: Sequence[PlanStep]) -> list[str]:
         """Problems of an already-built plan; an empty list means it fits the vocabulary."""

@@ -61,6 +61,8 @@ class Runtime:
     """The backend that may adapt robot plans ([generation.robot]); None = RETRIEVED and RULES only."""
     prompts: Any = None
     """server.generate.prompt.PromptBuilder for model tiers (None when no model tier is configured)."""
+    robot_model: Any = None
+    """server.generate.robot.RobotPlanModel when [generation.robot] names a backend, else None."""
 
     async def start_backends(self) -> None:
         for backend in self.backends.values():
@@ -170,6 +172,16 @@ def build_voice_generator(cfg: Config, extractive: ExtractiveGenerator, backends
                            prompts=prompts, grounding=grounding, cpu=cpu), prompts
 
 
+def build_robot_model(cfg: Config, backends: Mapping[str, Any], vocabulary: ActionVocabulary,
+                      prompts: Any) -> Any:
+    backend = backends.get(cfg.generation.robot.backend)
+    if backend is None:
+        return None
+    from server.generate.robot import RobotPlanModel
+
+    return RobotPlanModel(cfg.generation.robot, cfg.generation, backend, vocabulary, prompts.count)
+
+
 def build_runtime(cfg: Config) -> Runtime:
     t0 = time.perf_counter()
     reranker, pair_ms = load_reranker(cfg)
@@ -197,7 +209,8 @@ def build_runtime(cfg: Config) -> Runtime:
     rt = Runtime(cfg=cfg, kb=kb, tokenizer=tokenizer, retriever=retriever, generator=generator, planner=planner,
                  vocabulary=vocabulary, fault_codes=load_fault_codes(fault_codes_path),
                  cpu=cpu, reranker=reranker, rerank_pair_ms=pair_ms, backends=backends,
-                 robot_backend=backends.get(cfg.generation.robot.backend), prompts=prompts)
+                 robot_backend=backends.get(cfg.generation.robot.backend), prompts=prompts,
+                 robot_model=build_robot_model(cfg, backends, vocabulary, prompts))
     rt.load_s = time.perf_counter() - t0
     log.info("loaded %d passages (%d terms, dense %s) and %d fallback rules in %.0f ms", len(kb), len(sparse.vocab),
              "on" if retriever.dense is not None else "off", len(planner.rulebook.fault_rules), rt.load_s * 1000)

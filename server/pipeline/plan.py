@@ -79,8 +79,24 @@ class PlanPipeline:
         if chosen is not None:
             first = split_sentences(chosen.hit.passage.text)[0]
             cite = Source(1, chosen.hit.passage.id, chosen.hit.passage.source, first[:200])
-            return PlanResult(chosen.steps, PlanSource.RETRIEVED, Mode.FULL,
-                              f"retrieved procedure for {code or 'the situation'}: {chosen.hit.passage.source}",
+            what = f"procedure for {code or 'the situation'}: {chosen.hit.passage.source}"
+            mode, reason, missed = Mode.FULL, f"retrieved {what}", ""
+            model = self.rt.robot_model
+            if model is not None:
+                # Optional: a model may adapt the procedure to this robot's state. A late, malformed or
+                # unsafe plan keeps the retrieved one, and the response says why.
+                fault = self.rt.fault_codes.get(code)
+                adapted = await run_stage(
+                    "model", lambda: model.adapt(s, chosen.hit, chosen.steps, fault=fault,
+                                                 time_s=budget.for_stage(p.model_ms / 1000)),
+                    budget=budget, stage_budget_s=p.model_ms / 1000, trace=trace, mandatory=False)
+                if adapted is not None:
+                    return PlanResult(adapted, PlanSource.MODEL, Mode.FULL, f"model-adapted {what}",
+                                      citations=[cite], timings=list(trace.timings), total_ms=budget.elapsed_ms())
+                t = trace.timings[-1]
+                mode, missed = Mode.DEGRADED, "model"
+                reason = f"model {t.detail}; kept the retrieved {what}"
+            return PlanResult(chosen.steps, PlanSource.RETRIEVED, mode, reason, missed_stage=missed,
                               citations=[cite], timings=list(trace.timings), total_ms=budget.elapsed_ms())
         if rules.rule_id.startswith("safe."):
             why = f"no procedure or rule matches fault {code!r}" if code else "no procedure or rule matches"
