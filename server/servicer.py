@@ -28,6 +28,7 @@ from server.errors import (
 from server.fallback import RobotSituation
 from server.pipeline.answer import AnswerPipeline, AnswerRequest
 from server.pipeline.budget import Budget
+from server.pipeline.conversation import Conversation
 from server.pipeline.events import AnswerEvent, ChunkEvent, CitationsEvent, FinalEvent, PlanResult, TimingEvent
 from server.pipeline.plan import PlanPipeline
 from server.pipeline.stage import Outcome, StageMissed, Trace, run_stage
@@ -219,6 +220,7 @@ class ConverseSession:
         self.early_query = ""
         self.pending_partial = False  # partials seen for the current utterance, no final yet
         self.tasks: set[asyncio.Task[Any]] = set()
+        self.conversation = Conversation(self.cfg.generation.prompt.max_turns)
 
     async def run(self, request_iterator: Any) -> AsyncIterator[pb.AnswerEvent]:
         reader = asyncio.create_task(self._read(request_iterator))
@@ -288,7 +290,8 @@ class ConverseSession:
         early = self._reusable_early(query)
         remaining = _client_remaining(self.context)
         areq = AnswerRequest(query=query, profile=self.profile, filters=self.filters,
-                             client_remaining_s=remaining, early=early)
+                             client_remaining_s=remaining, early=early, turns=self.conversation.turns(),
+                             summary=self.conversation.summary)
         utterance = self.utterance
         self.utterance += 1
         self.pending_partial = False
@@ -305,10 +308,13 @@ class ConverseSession:
         final_sent = False
         try:
             async for ev in self.svc.answers.run(areq):
-                final_sent = final_sent or isinstance(ev, FinalEvent)
+                if isinstance(ev, FinalEvent):
+                    final_sent = True
+                    self.conversation.add(areq.query, ev.answer_text)
                 self.out.put_nowait(answer_event_pb(ev, utterance, self.request_id))
         except asyncio.CancelledError:
             if not final_sent:  # barge-in: tell the client this answer was cut short
+                self.conversation.add(areq.query, "")
                 self.out.put_nowait(pb.AnswerEvent(utterance=utterance, final=pb.AnswerFinal(
                     mode=pb.DEGRADED, reason="interrupted by barge-in", interrupted=True,
                     generator=self.svc.rt.generator.name, request_id=self.request_id,

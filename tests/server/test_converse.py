@@ -122,3 +122,46 @@ async def test_ask_cancel_stops_generation(make_server: Any) -> None:
             break
         await asyncio.sleep(0.02)
     assert gen.closed == 1 and gen.produced == 1
+
+
+class RecordingGenerator:
+    """The real generator, recording what each utterance's request carried."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.requests: list[Any] = []
+
+    def sources(self, request: Any) -> Any:
+        return self.inner.sources(request)
+
+    def stream(self, request: Any) -> Any:
+        self.requests.append(request)
+        return self.inner.stream(request)
+
+
+async def test_later_utterances_carry_the_conversation(make_server: Any, runtime: Any) -> None:
+    import dataclasses
+
+    from server.config import PromptConfig
+
+    gen = RecordingGenerator(runtime.generator)
+    cfg = dataclasses.replace(runtime.cfg, generation=dataclasses.replace(
+        runtime.cfg.generation, prompt=PromptConfig(max_turns=1)))
+    _, client = await make_server(cfg=cfg, generator=gen)
+    gen.requests.clear()  # forget the warm-up request
+    questions = ["how do i reset the smart plug", "what does the red light mean", "and the blue one"]
+
+    async def reqs() -> Any:
+        for i, q in enumerate(questions):
+            yield transcript(q, is_final=True, sequence=i + 1)
+            await asyncio.sleep(0.15)
+
+    events = await _collect(client.converse(reqs()))
+    answers = [ev.final.answer_text for ev in events if ev.HasField("final")]
+    assert [r.question for r in gen.requests] == questions
+    assert gen.requests[0].turns == () and gen.requests[0].summary == ""
+    second, third = gen.requests[1], gen.requests[2]
+    assert [(t.question, t.answer) for t in second.turns] == [(questions[0], answers[0])]
+    assert [t.question for t in third.turns] == [questions[1]], "only max_turns recent turns verbatim"
+    assert f"asked {questions[0]!r}" in third.summary, "older turns live on in the summary"
