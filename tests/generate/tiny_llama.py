@@ -12,8 +12,9 @@ Shape choices, and why:
 * float32 weights: vLLM on CPU and transformers then compute the same logits to ~1e-6, so greedy
   tokens agree; a wider initializer spreads the logits so near-ties (where rounding could flip the
   argmax) are rare.
-* the tokenizer is trained on ASCII-folded text without the 256-byte initial alphabet, so every token is
-  whole ASCII text: any random token sequence decodes to the same text streamed or at once.
+* the tokenizer is trained on ASCII-folded text with printable ASCII (not all 256 bytes) as its
+  initial alphabet, so every token is whole ASCII text: any token sequence decodes to the same text
+  streamed or at once, and JSON's punctuation exists for structured output.
 * the special tokens' output rows are zeroed, so the model (almost) never ends early or emits them:
   streams run to max_tokens, which the chunking and cancel tests need.
 """
@@ -33,8 +34,11 @@ ROOT = Path(__file__).resolve().parents[2]
 KB_PASSAGES = sorted((ROOT / "data/kb").glob("*/passages*.jsonl"))
 VOCAB_SIZE = 800
 ADAPTER_NAME = "voice"
+# Long enough that a request of a few thousand tokens cannot finish before a test closes it (the model
+# decodes hundreds of tokens a second); RoPE has no per-position weights, so it costs nothing.
+CONTEXT = 4096
 # Bump when the recipe changes, so a cached build is never mistaken for the new one.
-RECIPE = "tiny-llama-v1"
+RECIPE = "tiny-llama-v3"
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 # Plain role markers: the model's chat template (what vLLM's chat API applies).
 CHAT_TEMPLATE = (
@@ -86,7 +90,11 @@ def _build_tokenizer():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=[PAD, BOS, EOS], show_progress=False)
+    # Every printable ASCII character, seen in the KB or not: structured output needs `{`, `}` and `"`.
+    # (Byte-level BPE spells bytes 33..126 as themselves, and space, newline, tab as Ġ, Ċ, ĉ.)
+    alphabet = [chr(c) for c in range(33, 127)] + ["\u0120", "\u010a", "\u0109"]
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=[PAD, BOS, EOS], initial_alphabet=alphabet,
+                                  show_progress=False)
     tok.train_from_iterator(_corpus(), trainer=trainer)
     bos_id = tok.token_to_id(BOS)
     # The prompt gets a BOS, as Llama tokenizers do; vLLM and the reference both tokenize through this.
@@ -94,7 +102,7 @@ def _build_tokenizer():
                                                       special_tokens=[(BOS, bos_id)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
                                    clean_up_tokenization_spaces=False, chat_template=CHAT_TEMPLATE,
-                                   model_max_length=512)
+                                   model_max_length=CONTEXT)
 
 
 def _build_model(tokenizer):
@@ -103,7 +111,7 @@ def _build_model(tokenizer):
 
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=CONTEXT, rms_norm_eps=1e-5,
         initializer_range=0.08, tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, torch_dtype="float32",
     )
