@@ -14,10 +14,11 @@ GEN_STAMP   := $(GEN_DIR)/.stamp
 HOST        ?= 127.0.0.1
 PORT        ?= 50051
 PYTEST_ARGS ?=
+BENCH_ARGS  ?=
 # The dense encoder, exported once from the installed model package (torch at build time only).
 ENCODER_DIR := build/models/all-MiniLM-L6-v2
 
-.PHONY: run test setup stubs models lint typecheck lock clean help
+.PHONY: run test bench setup stubs models lint typecheck lock clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
@@ -27,6 +28,10 @@ run: setup stubs models  ## set up what is missing, then serve the embedded know
 
 test: setup stubs models  ## set up what is missing, then run the whole test suite
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Starts its own server (plus the baseline and echo servers) on loopback free ports; outputs in build/bench/latest.
+bench: setup stubs models  ## standard load scenario + SLO verdict against a server it starts; exit 1 on an SLO miss
+	$(BIN)/snaprag bench $(BENCH_ARGS)
 
 setup: $(STAMP)  ## create .venv with the pinned CPU dependency set
 

@@ -100,12 +100,10 @@ def lucene_idf(doc_freq: I64, n_docs: int) -> F64:
     return np.log1p((n_docs - doc_freq + 0.5) / (doc_freq + 0.5))
 
 
-def _build(docs: Sequence[Sequence[int]], n_terms: int, idf_of: Callable[[I64, int], F64], *, k1: float, b: float,
-           tf_scale: float) -> Bm25Matrix:
-    """The CSR construction both variants share; `idf_of(doc_freq, n_docs)` and `tf_scale` make the variant."""
+def _postings(docs: Sequence[Sequence[int]]) -> tuple[I64, I64, I64, I64]:
+    """(term, doc, tf) of every posting in CSR order, and each document's length."""
     n_docs = len(docs)
     doc_len = np.fromiter((len(d) for d in docs), dtype=np.int64, count=n_docs)
-    avgdl = float(doc_len.mean()) if n_docs else 0.0
     flat_t = (np.concatenate([np.asarray(t, dtype=np.int64) for t in docs]) if n_docs
               else np.empty(0, np.int64))
     flat_d = np.repeat(np.arange(n_docs, dtype=np.int64), doc_len)
@@ -113,13 +111,42 @@ def _build(docs: Sequence[Sequence[int]], n_terms: int, idf_of: Callable[[I64, i
     # ascending) and, as run lengths, the term frequencies.
     key, tf = np.unique(flat_t * max(n_docs, 1) + flat_d, return_counts=True)
     term, doc = np.divmod(key, max(n_docs, 1))
+    return term, doc, tf.astype(np.int64), doc_len
+
+
+def _assemble(term: I64, doc: I64, tf: I64, doc_len: I64, n_terms: int, n_docs: int, idf: F64, avgdl: float, *,
+              k1: float, b: float, tf_scale: float) -> Bm25Matrix:
     doc_freq = np.bincount(term, minlength=n_terms).astype(np.int64)
-    idf = idf_of(doc_freq, n_docs)
     norm = k1 * (1.0 - b + b * doc_len[doc] / avgdl) if n_docs else np.empty(0)
     weights = (idf[term] * (tf * tf_scale) / (tf + norm)).astype(np.float32)
     indptr = np.zeros(n_terms + 1, dtype=np.int64)
     np.cumsum(doc_freq, out=indptr[1:])
     return Bm25Matrix(indptr=indptr, doc_ids=doc.astype(np.int32), weights=weights, idf=idf, n_docs=n_docs)
+
+
+def _build(docs: Sequence[Sequence[int]], n_terms: int, idf_of: Callable[[I64, int], F64], *, k1: float, b: float,
+           tf_scale: float) -> Bm25Matrix:
+    """The CSR construction both variants share; `idf_of(doc_freq, n_docs)` and `tf_scale` make the variant."""
+    n_docs = len(docs)
+    term, doc, tf, doc_len = _postings(docs)
+    idf = idf_of(np.bincount(term, minlength=n_terms).astype(np.int64), n_docs)
+    avgdl = float(doc_len.mean()) if n_docs else 0.0
+    return _assemble(term, doc, tf, doc_len, n_terms, n_docs, idf, avgdl, k1=k1, b=b, tf_scale=tf_scale)
+
+
+def build_with_stats(variant: Variant, docs: Sequence[Sequence[int]], idf: F64, *, avgdl: float, k1: float = 1.5,
+                     b: float = 0.75) -> Bm25Matrix:
+    """A segment whose weights use collection statistics given from outside: `idf` (one per term id, so
+    `len(idf)` is the vocabulary size) and `avgdl`. The live index scores its small delta segment this
+    way, with the main segment's avgdl and idfs over main + delta, so the two segments' scores add up to
+    one ranking (server/index/delta.py); with the segment's own statistics it equals `build`."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown BM25 variant {variant!r}: choose one of {', '.join(map(repr, VARIANTS))}")
+    if avgdl <= 0 and len(docs):
+        raise ValueError(f"avgdl: must be > 0, got {avgdl}")
+    term, doc, tf, doc_len = _postings(docs)
+    return _assemble(term, doc, tf, doc_len, int(idf.shape[0]), len(docs), np.asarray(idf, dtype=np.float64),
+                     avgdl, k1=k1, b=b, tf_scale=k1 + 1.0 if variant == "okapi" else 1.0)
 
 
 def build_okapi(docs: Sequence[Sequence[int]], n_terms: int, *, k1: float = 1.5, b: float = 0.75,
@@ -165,3 +192,24 @@ def score(matrix: Bm25Matrix, query_terms: Sequence[int], out: F32 | None = None
             # concatenate + np.bincount and float64 accumulation; float32 keeps it exact (module docstring).
             np.add.at(scores, doc_ids[lo:hi], weights[lo:hi])
     return scores
+
+
+def score_scaled(matrix: Bm25Matrix, query_terms: Sequence[int], scales: Sequence[float], out: F32) -> F32:
+    """Adds each query term's postings times its scale into `out` (not cleared): for segments that store
+    idf-free weights and get their idfs at query time (the live index's delta segments). Term ids at or
+    past the matrix's vocabulary, and -1, are skipped."""
+    indptr, doc_ids, weights = matrix.indptr, matrix.doc_ids, matrix.weights
+    dense_row, dense = matrix.dense_row, matrix.dense
+    n_terms = matrix.n_terms
+    for t, s in zip(query_terms, scales, strict=True):
+        if t < 0 or t >= n_terms:
+            continue
+        row = dense_row[t]
+        if row >= 0:
+            out += np.float32(s) * dense[row]
+        else:
+            lo, hi = indptr[t], indptr[t + 1]
+            if hi > lo:
+                np.add.at(out, doc_ids[lo:hi], np.float32(s) * weights[lo:hi])
+    return out
+

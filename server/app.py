@@ -13,15 +13,16 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from server.config import Config
+from server.config import REPO_ROOT, Config
 from server.fallback import RobotSituation
 from server.pipeline.answer import AnswerRequest
-from server.proto import SERVICE_NAME
+from server.proto import ADMIN_SERVICE_NAME, SERVICE_NAME
 from server.runtime import Runtime, build_runtime
 from server.servicer import AssistantService
 
@@ -36,9 +37,17 @@ class RunningServer:
     address: str
     port: int
     owns_runtime: bool = True
+    admin: Any = None
+    """server.index.admin.IndexAdminService when [admin] enabled."""
+    admin_server: grpc.aio.Server | None = None
+    """The separate admin listener when admin.port is set (else IndexAdmin shares `server`)."""
+    admin_port: int = 0
+    """The port IndexAdmin answers on (the main port unless admin.port is set)."""
 
     async def stop(self, grace_s: float) -> None:
         await self.health.enter_graceful_shutdown()
+        if self.admin_server is not None:
+            await self.admin_server.stop(grace_s)
         await self.server.stop(grace_s)
         if self.owns_runtime:
             await self.service.rt.close_backends()
@@ -61,6 +70,12 @@ async def start_server(cfg: Config, runtime: Runtime | None = None) -> RunningSe
     opts = [("grpc.max_receive_message_length", cfg.server.max_message_bytes),
             ("grpc.max_send_message_length", cfg.server.max_message_bytes),
             ("grpc.so_reuseport", 0)]
+    auth = None
+    if cfg.admin.enabled:
+        # Credentials first: a missing token file stops startup before minutes of index loading.
+        from server.index.auth import Authenticator
+
+        auth = Authenticator.from_config(cfg.admin, base=REPO_ROOT)
     server = grpc.aio.server(options=opts)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -72,17 +87,59 @@ async def start_server(cfg: Config, runtime: Runtime | None = None) -> RunningSe
     rt = runtime if runtime is not None else await asyncio.get_running_loop().run_in_executor(None, build_runtime, cfg)
     service = AssistantService(rt)
     server.add_generic_rpc_handlers((service.handlers(),))
+    admin, admin_server, admin_port = None, None, port
+    if auth is not None:
+        if rt.index is None:
+            raise ValueError("admin.enabled, but the runtime has no live index (build it with build_runtime(cfg))")
+        from server.index.admin import IndexAdminService
+
+        admin = IndexAdminService(rt.index, auth, cfg)
+        if cfg.admin.port:
+            admin_server, admin_port = _admin_listener(cfg, opts, admin)
+        else:
+            server.add_generic_rpc_handlers((admin.handlers(),))
     if cfg.server.reflection:
-        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        names = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names + ((ADMIN_SERVICE_NAME,) if admin and not admin_server else ()),
+                                            server)
     await rt.start_backends()
     await server.start()
+    if admin_server is not None:
+        await admin_server.start()
     service.ready = True
     warm_s = await warm_up(service)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     host = cfg.server.host if ":" not in cfg.server.host else f"[{cfg.server.host}]"
     log.info("warm-up done in %.0f ms", warm_s * 1000)
-    return RunningServer(server, service, health_servicer, f"{host}:{port}", port, owns_runtime=runtime is None)
+    return RunningServer(server, service, health_servicer, f"{host}:{port}", port, owns_runtime=runtime is None,
+                         admin=admin, admin_server=admin_server, admin_port=admin_port)
+
+
+def _admin_listener(cfg: Config, opts: list[tuple[str, Any]], admin: Any) -> tuple[grpc.aio.Server, int]:
+    """IndexAdmin alone on admin.port: with mTLS (client certificates required and verified against
+    admin.client_ca) when admin.tls_cert is set, else plaintext with bearer tokens."""
+    a = cfg.admin
+    srv = grpc.aio.server(options=opts)
+    srv.add_generic_rpc_handlers((admin.handlers(),))
+    address = f"{cfg.server.host}:{a.port}"
+    if a.tls_cert:
+        def pem(path: str) -> bytes:
+            try:
+                return cfg.resolve_path(path).read_bytes()
+            except OSError as e:
+                raise OSError(f"admin TLS: cannot read {cfg.resolve_path(path)} ({e.strerror})") from e
+
+        creds = grpc.ssl_server_credentials([(pem(a.tls_key), pem(a.tls_cert))], root_certificates=pem(a.client_ca),
+                                            require_client_auth=True)
+        port = srv.add_secure_port(address, creds)
+    else:
+        port = srv.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"could not bind the admin port {address} (in use?); change admin.port")
+    if cfg.server.reflection:
+        reflection.enable_server_reflection((ADMIN_SERVICE_NAME, reflection.SERVICE_NAME), srv)
+    return srv, port
 
 
 async def serve(cfg: Config) -> None:
@@ -91,6 +148,12 @@ async def serve(cfg: Config) -> None:
     print(f"  try:  .venv/bin/snaprag ask --target {running.address} \"how do i reset my smart plug\"", flush=True)
     print(f"        .venv/bin/snaprag plan --target {running.address} --robot fl-004 --fault E202 --loaded",
           flush=True)
+    if running.admin is not None:
+        host = running.address.rsplit(":", 1)[0]
+        tls = " (mTLS)" if cfg.admin.tls_cert else ""
+        print(f"  IndexAdmin on {host}:{running.admin_port}{tls}, live index {running.service.rt.index.view.version} "
+              f"in {cfg.resolve_path(cfg.index.root)}: .venv/bin/snaprag index stats --target {host}:"
+              f"{running.admin_port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -106,4 +169,6 @@ def run_forever(cfg: Config) -> None:
 
     logging.basicConfig(level=cfg.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
+    # httpx logs every request to vLLM at INFO: one line per generated answer drowns the server's own log.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     uvloop.run(serve(cfg))

@@ -9,9 +9,16 @@
     snaprag config                     the effective configuration, every knob and its value
     snaprag index build --corpus FILE.jsonl --out DIR     write an index snapshot
     snaprag index verify DIR                              check a snapshot's manifest and checksums
+    snaprag index upsert FILE.jsonl | delete ID...        live writes through IndexAdmin ([admin] enabled)
+    snaprag index snapshot [--swap] | swap [VERSION] | rollback | stats     gated blue/green snapshots
     snaprag eval --corpus C --queries Q --qrels R         retrieval quality on a BEIR-layout collection
     snaprag eval --kb voice --split dev                   ...or on a knowledge base's golden questions
     snaprag train-reranker --out build/models/reranker-kb train, export and gate the cross-encoder
+    snaprag train-lora --base build/models/smollm2-135m-instruct --out build/models/lora-voice
+                                       train a LoRA adapter on grounded KB answers (card: DEV grounded rates)
+    snaprag voice                      voice front end: KB questions as ASR partials, answers spoken as they come
+    snaprag robot --rate 20            robot controller: Plans at a fixed rate, each validated
+    snaprag bench                      load + SLO verdict against a server it starts (what `make bench` runs)
 """
 
 from __future__ import annotations
@@ -83,18 +90,27 @@ def _parser() -> argparse.ArgumentParser:
     h = sub.add_parser("health", help="grpc.health.v1 status of the server")
     client(h)
 
-    ix = sub.add_parser("index", help="build or verify index snapshots")
+    ix = sub.add_parser("index", help="build or verify snapshots; live upserts, deletes, gated swaps (IndexAdmin)",
+                        description="Offline: build, verify. Against a server with [admin] enabled: upsert, delete, "
+                                    "snapshot, swap, rollback, stats (README, 'Index lifecycle').")
     ixs = ix.add_subparsers(dest="index_command", required=True, metavar="ACTION")
     b = ixs.add_parser("build", help="index a corpus into a snapshot directory (BM25 + dense + HNSW)")
     b.add_argument("--corpus", required=True, type=Path,
                    help="JSONL passages: our schema (data/README.md) or a BEIR corpus.jsonl (_id, title, text)")
-    b.add_argument("--out", required=True, type=Path, help="snapshot directory to create")
+    where = b.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", type=Path, help="snapshot directory to create")
+    where.add_argument("--root", type=Path, help="a live index folder ([index] root): build its next version there "
+                                                 "(promote it with `snaprag index swap`; the first one is served "
+                                                 "directly)")
     b.add_argument("--no-dense", action="store_true", help="BM25 only (no encoder needed)")
     b.add_argument("--force", action="store_true", help="replace an existing snapshot at --out")
     b.add_argument("--config")
     b.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     vf = ixs.add_parser("verify", help="check a snapshot's manifest and every file's sha256")
     vf.add_argument("path", type=Path)
+    from server.index.cli import add_commands as add_index_admin_commands
+
+    add_index_admin_commands(ixs, DEFAULT_TARGET)
 
     ev = sub.add_parser("eval", help="retrieval quality: nDCG@10, MRR@10, Recall@100, Hit@5 per method")
     ev.add_argument("--corpus", type=Path, help="BEIR corpus.jsonl")
@@ -114,6 +130,17 @@ def _parser() -> argparse.ArgumentParser:
     # --help included, is handed over unparsed (see `main`).
     sub.add_parser("train-reranker", add_help=False,
                    help="train the cross-encoder re-ranker, export ONNX FP32 + INT8, gate it on KB dev")
+    # Same hand-over for train-lora (server/generate/train_lora.py imports torch and peft).
+    sub.add_parser("train-lora", add_help=False,
+                   help="train a LoRA adapter on grounded KB answers; card with DEV grounded-answer rates")
+    # The simulators and the bench own their flags too (clients/voice_sim.py, clients/robot_sim.py,
+    # bench/harness.py); `snaprag voice --help` shows them.
+    sub.add_parser("voice", add_help=False,
+                   help="voice front-end simulator: utterances as ASR partials over Converse, first-chunk times")
+    sub.add_parser("robot", add_help=False,
+                   help="robot-controller simulator: Plans at a fixed rate with a 150 ms deadline, validated")
+    sub.add_parser("bench", add_help=False,
+                   help="open-loop load, per-stage percentiles, plots and a pass/fail SLO verdict (exit 1 on a miss)")
     return ap
 
 
@@ -124,8 +151,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         from server.rerank.train import main as train_main
 
         return train_main(rest)
+    if args.command == "train-lora":
+        from server.generate.train_lora import main as train_lora_main
+
+        return train_lora_main(rest)
+    if args.command in ("voice", "robot", "bench"):
+        if args.command == "voice":
+            from clients.voice_sim import main as tool_main
+        elif args.command == "robot":
+            from clients.robot_sim import main as tool_main
+        else:
+            from bench.harness import main as tool_main
+        return tool_main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "index" and args.index_command not in ("build", "verify"):
+        from server.index.cli import run as run_index_admin
+
+        return run_index_admin(args)
     if args.command in ("index", "eval"):
         from server.offline import run_eval, run_index
 

@@ -330,6 +330,108 @@ class FallbackConfig:
 
 
 @dataclass
+class AdminConfig:
+    """The IndexAdmin gRPC service (protos/snaprag/v1/admin.proto): live upserts, deletes, snapshots and
+    swaps. Off by default; when on, every call needs a bearer token or an mTLS client certificate that
+    maps to a role: `admin` (everything) or `read` (Stats only). The Assistant query service is not
+    affected (it stays open; TLS and auth for it are separate work)."""
+
+    enabled: bool = False
+    """Serve IndexAdmin and run the live index ([index]). Needs at least one token or client_roles entry."""
+    tokens: list[str] = field(default_factory=list)
+    """Bearer tokens as `ROLE:SOURCE` entries, ROLE = admin | read, SOURCE one of `env:VAR` (the token is in
+    that environment variable), `file:PATH` (in that file, surrounding whitespace ignored) or `sha256:HEX`
+    (only the token's SHA-256 is configured). Never the token itself: this file is not a secret store.
+    A missing variable or file stops startup; tokens shorter than 16 characters are refused."""
+    port: int = 0
+    """0 = IndexAdmin shares the main port (bearer tokens only). Else it is served only on this port, by a
+    separate listener on server.host, with TLS when tls_cert is set."""
+    tls_cert: str = ""
+    """PEM server certificate for the admin port (needs port, tls_key and client_ca)."""
+    tls_key: str = ""
+    """PEM private key of tls_cert."""
+    client_ca: str = ""
+    """PEM CA bundle client certificates must chain to: the admin port then requires a client certificate
+    (mTLS), and a verified one whose common name is in client_roles authenticates without a token."""
+    client_roles: list[str] = field(default_factory=list)
+    """`ROLE:COMMON_NAME` entries mapping verified client certificates to roles, e.g. "admin:ops-cli"."""
+
+
+@dataclass
+class IndexConfig:
+    """The live index behind IndexAdmin: snapshots, the write-ahead log, and the gates a snapshot must
+    pass before it is served. Used only when [admin] enabled."""
+
+    root: str = "build/index/live"
+    """Folder of the live index: snapshots/<version>/ (checksummed snapshot dirs), CURRENT (which one is
+    served, replaced atomically), wal/ (writes not yet in a snapshot). Created and seeded from
+    knowledge_base (its snapshot, else its paths) when it holds no snapshot yet."""
+    keep: int = 3
+    """Snapshots kept for rollback besides the served one; older ones are deleted after a swap."""
+    min_doc_ratio: float = 0.99
+    """Gate: a candidate must hold at least this share of the live passage count (Swap's allow_shrink,
+    `--allow-shrink`, skips it for a deliberate shrink)."""
+    max_recall_drop: float = 0.05
+    """Gate: the candidate's golden-set Recall@k may be at most this much below the live index's, as a
+    share of the live figure (0.05 = within 5 %)."""
+    recall_k: int = 10
+    """k of the recall gate."""
+    golden_paths: list[str] = field(default_factory=list)
+    """Folders with golden_<split>*.jsonl question sets for the recall gate; empty = knowledge_base.paths."""
+    golden_splits: list[str] = field(default_factory=lambda: ["train", "dev"])
+    """Which golden splits the recall gate uses (all of them: the gate compares, it does not tune)."""
+    max_passage_chars: int = 4000
+    """Longest passage text an upsert accepts (the encoder reads the first dense.max_length tokens)."""
+    max_batch_passages: int = 5000
+    """Most passages in one Upsert stream (one atomic batch); split bigger loads into several streams."""
+    ingest_nice: int = 19
+    """Scheduling niceness (0..19) of the thread that encodes upserts (the heavy part of a write; onnxruntime
+    releases the GIL, so the OS really does run queries first). 19 also selects SCHED_IDLE: encoding runs
+    only on cores queries leave idle (measured: stream p99 1.47x idle, against 1.74x at nice 10; writes
+    wait while queries keep every core busy). Applying a batch runs at normal priority: it briefly holds
+    the HNSW write lock, and a starved lock holder would stall queries."""
+
+    ingest_threads: int = 1
+    """ONNX Runtime threads of the upsert encoder (a second session, separate from the query encoder's)."""
+    hnsw_add_chunk: int = 4
+    """Vectors added to the serving HNSW graph per exclusive lock hold (hnswlib cannot search while it
+    inserts): queries wait at most one chunk's insert time."""
+    builder_nice: int = 10
+    """Niceness of the snapshot builder and gate evaluation processes (0..19; 19 = SCHED_IDLE): they use idle
+    CPU, queries come first. 10, not 19, so a snapshot still finishes on a server that is never idle."""
+    builder_threads: int = 0
+    """HNSW construction threads in the builder; 0 = one per core (niceness bounds its share)."""
+
+
+@dataclass
+class SloConfig:
+    """Service-level objectives that `snaprag bench` checks under load (and exits non-zero on a miss).
+
+    Latencies are client-side, end to end, measured from each request's *intended* send time (open-loop
+    load: a stalled server cannot hide its queue), warm-up excluded. A request that fails counts at the
+    time it took to fail, and in the error rate. Values are in milliseconds."""
+
+    plan_p95_ms: float = 130.0
+    """Robot Plan, 95th percentile (the robot controller's deadline is 150 ms; this leaves headroom)."""
+    plan_p99_ms: float = 150.0
+    """Robot Plan, 99th percentile: a later plan is a robot standing still past its deadline."""
+    fallback_p99_ms: float = 40.0
+    """Robot Plan after a mandatory stage missed: time from the miss to the rule plan reaching the client
+    (the server's miss time, from its stage timings, subtracted from the client's latency), p99."""
+    first_chunk_p99_ms: float = 800.0
+    """Voice: time from the question (Ask sent, or the final transcript) to the first answer chunk, p99."""
+    retrieve_p99_ms: float = 120.0
+    """Retrieve RPC end to end, p99."""
+    max_error_rate: float = 0.001
+    """Largest share of failed calls (any non-OK status, DEADLINE_EXCEEDED included) per RPC."""
+    max_invalid_plans: int = 0
+    """Plans that do not validate against the action vocabulary; any is a safety bug."""
+    max_unsafe_plans: int = 0
+    """Valid plans that break a safety ordering rule for the situation sent (server.robot_plan.check_plan_safety:
+    stop first on a major fault, hold a load before moving, a technician before motion after people...)."""
+
+
+@dataclass
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     profiles: dict[str, ProfileConfig] = field(
@@ -342,6 +444,9 @@ class Config:
     voice: VoiceConfig = field(default_factory=VoiceConfig)
     limits: RequestLimits = field(default_factory=RequestLimits)
     fallback: FallbackConfig = field(default_factory=FallbackConfig)
+    slo: SloConfig = field(default_factory=SloConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
 
     def validate(self) -> Config:
         """Cross-field checks, all here. Raises ConfigError naming the key."""
@@ -390,7 +495,52 @@ class Config:
                 raise ConfigError(f"generation.local.adapters: {entry!r} must be NAME=DIR")
         if not 0.0 <= self.voice.early_retrieval_stability <= 1.0:
             raise ConfigError("voice.early_retrieval_stability: must be in [0, 1]")
+        self._validate_admin()
         return self
+
+    def _validate_admin(self) -> None:
+        a, ix = self.admin, self.index
+        for name, entries in (("tokens", a.tokens), ("client_roles", a.client_roles)):
+            for entry in entries:
+                role, _, rest = entry.partition(":")
+                if role not in ("admin", "read") or not rest:
+                    raise ConfigError(f"admin.{name}: {entry!r} must be ROLE:{'SOURCE' if name == 'tokens' else 'CN'} "
+                                      "with ROLE admin or read")
+        for entry in a.tokens:
+            source = entry.partition(":")[2]
+            if not source.startswith(("env:", "file:", "sha256:")):
+                raise ConfigError(f"admin.tokens: {entry.split(':')[0]}:... must name env:VAR, file:PATH or "
+                                  "sha256:HEX, never the token itself")
+        if not 0 <= a.port <= 65535:
+            raise ConfigError(f"admin.port: must be in 0..65535, got {a.port}")
+        tls = [a.tls_cert, a.tls_key, a.client_ca]
+        if any(tls) and not all(tls):
+            raise ConfigError("admin.tls_cert, admin.tls_key, admin.client_ca: set all three for mTLS, or none")
+        if all(tls) and a.port == 0:
+            raise ConfigError("admin.port: mTLS needs its own port (the main port is plaintext); set admin.port")
+        if a.client_roles and not all(tls):
+            raise ConfigError("admin.client_roles: needs mTLS (admin.tls_cert, tls_key, client_ca)")
+        if a.enabled and not a.tokens and not a.client_roles:
+            raise ConfigError("admin.enabled: no credentials configured; add admin.tokens (e.g. "
+                              "\"admin:env:SNAPRAG_ADMIN_TOKEN\") or admin.client_roles with mTLS")
+        if ix.keep < 1:
+            raise ConfigError("index.keep: must be >= 1 (the previous snapshot is what rollback needs)")
+        if not 0.0 < ix.min_doc_ratio <= 1.0:
+            raise ConfigError("index.min_doc_ratio: must be in (0, 1]")
+        if not 0.0 <= ix.max_recall_drop < 1.0:
+            raise ConfigError("index.max_recall_drop: must be in [0, 1)")
+        if not 1 <= ix.recall_k <= self.retrieval.max_k:
+            raise ConfigError(f"index.recall_k: must be in 1..{self.retrieval.max_k}")
+        for name in ("ingest_nice", "builder_nice"):
+            if not 0 <= getattr(ix, name) <= 19:
+                raise ConfigError(f"index.{name}: must be in 0..19")
+        for name in ("max_passage_chars", "max_batch_passages", "ingest_threads", "hnsw_add_chunk"):
+            if getattr(ix, name) < 1:
+                raise ConfigError(f"index.{name}: must be >= 1")
+        if ix.builder_threads < 0:
+            raise ConfigError("index.builder_threads: must be >= 0 (0 = one per core)")
+        if a.enabled and not ix.root:
+            raise ConfigError("index.root: the live index needs a folder when admin.enabled")
 
     def resolve_path(self, path: str) -> Path:
         p = Path(path)
@@ -420,6 +570,14 @@ def load_config(path: Path | str | None = None, *, env: Mapping[str, str] | None
             raise ConfigError(f"--set {item!r}: expected section.field=value")
         dotted, value = item.split("=", 1)
         _set_dotted(cfg, dotted.strip(), value.strip(), origin=f"--set {item}")
+    return cfg.validate()
+
+
+def config_from_data(data: Mapping[str, Any]) -> Config:
+    """A validated Config from plain data shaped like the TOML file (e.g. a section of `describe`'s output):
+    how a helper process (the index builder) gets the server's settings."""
+    cfg = Config()
+    _merge(cfg, data, prefix="")
     return cfg.validate()
 
 

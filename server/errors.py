@@ -5,7 +5,11 @@
     ├── DeadlineExpired               DEADLINE_EXCEEDED: no time left to even start
     ├── FailedPrecondition            FAILED_PRECONDITION: valid request this server is not set up for
     ├── ResourceExhausted             RESOURCE_EXHAUSTED: overloaded, retry later
-    └── Unavailable                   UNAVAILABLE: not ready (warming up, draining)
+    ├── Unavailable                   UNAVAILABLE: not ready (warming up, draining)
+    ├── NotFound                      NOT_FOUND: IndexAdmin: an id or snapshot version that does not exist
+    ├── Aborted                       ABORTED: IndexAdmin: another job is running, or the job's process died
+    ├── Unauthenticated               UNAUTHENTICATED: IndexAdmin: no credentials, or unknown ones
+    └── PermissionDenied              PERMISSION_DENIED: IndexAdmin: valid credentials, role not allowed
 
 Anything else that escapes a handler is a bug: it is logged with the request id and reported as
 INTERNAL with that id, so the caller can quote it.
@@ -55,6 +59,22 @@ class Unavailable(SnapragError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class NotFound(SnapragError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class Aborted(SnapragError):
+    code = grpc.StatusCode.ABORTED
+
+
+class Unauthenticated(SnapragError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(SnapragError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 # The id of the request being handled (set by `grpc_errors`), for logs and error messages.
 REQUEST_ID: ContextVar[str] = ContextVar("snaprag_request_id", default="-")
 
@@ -84,7 +104,8 @@ def grpc_errors(method: Callable[..., Any]) -> Callable[..., Any]:
             try:
                 async for item in method(self, request, context):
                     yield item
-            except (asyncio.CancelledError, grpc.aio.AbortError):
+            # GeneratorExit: the client went away and grpc closed this stream; nothing to report to it.
+            except (asyncio.CancelledError, grpc.aio.AbortError, GeneratorExit):
                 raise
             except BaseException as e:
                 code, msg = status_for(e, REQUEST_ID.get())

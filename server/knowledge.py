@@ -89,6 +89,11 @@ def _parse_passage(obj: Any, where: str) -> Passage:
     )
 
 
+def parse_passage(obj: Any, where: str) -> Passage:
+    """One passage object in our schema (data/README.md); KnowledgeBaseError names `where` and the field."""
+    return _parse_passage(obj, where)
+
+
 def _jsonl(path: Path) -> Iterable[tuple[str, Any]]:
     with path.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):

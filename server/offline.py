@@ -55,9 +55,28 @@ def run_index(args: argparse.Namespace) -> int:
         _log(f"  dense: encoding {len(kb)} passages with {encoder.model_id} (cached by content)")
         embeddings = cached_embeddings(encoder, index_texts(kb), batch_size=cfg.retrieval.dense.batch_size,
                                        progress=True)
-    manifest = write_snapshot(args.out, kb, cfg, tokenizer, encoder=encoder, embeddings=embeddings,
-                              force=args.force, log=_log)
-    print(json.dumps({"snapshot": str(args.out), **manifest["counts"]}))
+    out, extra, store, version = args.out, None, None, ""
+    if args.root is not None:
+        from server.index.store import SnapshotStore
+
+        store = SnapshotStore(args.root)
+        store.ensure()
+        version = store.next_version()
+        out = store.path(version)
+        # wal_through 0: a swap to it re-applies every write the live index holds beyond its snapshot.
+        extra = {"lifecycle": {"version": version, "parent": "", "wal_through": 0, "records": 0,
+                               "source": str(args.corpus)}}
+    manifest = write_snapshot(out, kb, cfg, tokenizer, encoder=encoder, embeddings=embeddings,
+                              force=args.force, log=_log, extra=extra)
+    if store is not None:
+        from server.index.store import Pointer, utc_now
+
+        if store.read_current() is None:
+            store.write_current(Pointer(version, history=[{"version": version, "previous": "", "at": utc_now()}]))
+            _log(f"  {version} is the first snapshot in {args.root}: it is served from the next start")
+        else:
+            _log(f"  built {version}; promote it with `snaprag index swap {version}` (its gates decide)")
+    print(json.dumps({"snapshot": str(out), **({"version": version} if version else {}), **manifest["counts"]}))
     return 0
 
 

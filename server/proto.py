@@ -15,9 +15,15 @@ if not (_GEN / "snaprag" / "v1" / "snaprag_pb2.py").exists():
 if str(_GEN) not in sys.path:
     sys.path.insert(0, str(_GEN))
 
+if not (_GEN / "snaprag" / "v1" / "admin_pb2.py").exists():
+    raise ImportError(f"gRPC stubs for admin.proto missing in {_GEN}: run `make stubs`")
+
+from snaprag.v1 import admin_pb2 as admin_pb  # noqa: E402
+from snaprag.v1 import admin_pb2_grpc as admin_pb_grpc  # noqa: E402
 from snaprag.v1 import snaprag_pb2 as pb  # noqa: E402
 from snaprag.v1 import snaprag_pb2_grpc as pb_grpc  # noqa: E402
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Assistant"].full_name
+ADMIN_SERVICE_NAME = admin_pb.DESCRIPTOR.services_by_name["IndexAdmin"].full_name
 
-__all__ = ["SERVICE_NAME", "pb", "pb_grpc"]
+__all__ = ["ADMIN_SERVICE_NAME", "SERVICE_NAME", "admin_pb", "admin_pb_grpc", "pb", "pb_grpc"]

@@ -63,6 +63,9 @@ class Runtime:
     """server.generate.prompt.PromptBuilder for model tiers (None when no model tier is configured)."""
     robot_model: Any = None
     """server.generate.robot.RobotPlanModel when [generation.robot] names a backend, else None."""
+    index: Any = None
+    """server.index.live.LiveIndex when [admin] enabled (retriever and kb then follow its live view), else
+    None: the index is static, built at startup."""
 
     async def start_backends(self) -> None:
         for backend in self.backends.values():
@@ -187,19 +190,33 @@ def build_runtime(cfg: Config) -> Runtime:
     reranker, pair_ms = load_reranker(cfg)
     tokenizer = make_tokenizer(cfg)
     encoder = load_encoder(cfg)
-    if cfg.knowledge_base.snapshot:
-        from server.retrieval.snapshot import load_snapshot
+    live = None
+    kb: Any
+    retriever: Any
+    if cfg.admin.enabled:
+        # The live index (IndexAdmin writes, gated swaps): retriever and kb follow its current view.
+        from server.index.live import LiveIndex, load_ingest_encoder
+        from server.index.serving import LiveKnowledge, LiveRetriever, live_idf_lookup
 
-        snap = load_snapshot(cfg.resolve_path(cfg.knowledge_base.snapshot), tokenizer, encoder=encoder)
-        kb = snap.kb
-        retriever = build_retriever(kb, cfg, tokenizer, encoder=encoder, embeddings=snap.embeddings,
-                                    prebuilt=(snap.vocab, snap.matrix), hnsw_path=snap.hnsw_path)
+        live = LiveIndex.open(cfg, tokenizer, encoder, load_ingest_encoder(cfg))
+        kb, retriever, idf = LiveKnowledge(live), LiveRetriever(live), live_idf_lookup(live)
+        terms = len(live.view.gen.main_vocab)
     else:
-        kb = load_knowledge_base([cfg.resolve_path(p) for p in cfg.knowledge_base.paths])
-        retriever = build_retriever(kb, cfg, tokenizer, encoder=encoder)
-    sparse = retriever.sparse
-    extractive = ExtractiveGenerator(tokenizer, idf_lookup(sparse.vocab, sparse.matrix.idf.tolist()),
-                                     max_passages=cfg.generation.max_passages, min_support=cfg.generation.min_support)
+        if cfg.knowledge_base.snapshot:
+            from server.retrieval.snapshot import load_snapshot
+
+            snap = load_snapshot(cfg.resolve_path(cfg.knowledge_base.snapshot), tokenizer, encoder=encoder)
+            kb = snap.kb
+            retriever = build_retriever(kb, cfg, tokenizer, encoder=encoder, embeddings=snap.embeddings,
+                                        prebuilt=(snap.vocab, snap.matrix), hnsw_path=snap.hnsw_path)
+        else:
+            kb = load_knowledge_base([cfg.resolve_path(p) for p in cfg.knowledge_base.paths])
+            retriever = build_retriever(kb, cfg, tokenizer, encoder=encoder)
+        sparse = retriever.sparse
+        idf = idf_lookup(sparse.vocab, sparse.matrix.idf.tolist())
+        terms = len(sparse.vocab)
+    extractive = ExtractiveGenerator(tokenizer, idf, max_passages=cfg.generation.max_passages,
+                                     min_support=cfg.generation.min_support)
     cpu = ThreadPoolExecutor(max_workers=cfg.server.cpu_workers, thread_name_prefix="snaprag-cpu")
     backends = build_backends(cfg)
     generator, prompts = build_voice_generator(cfg, extractive, backends, tokenizer, encoder, cpu)
@@ -210,8 +227,9 @@ def build_runtime(cfg: Config) -> Runtime:
                  vocabulary=vocabulary, fault_codes=load_fault_codes(fault_codes_path),
                  cpu=cpu, reranker=reranker, rerank_pair_ms=pair_ms, backends=backends,
                  robot_backend=backends.get(cfg.generation.robot.backend), prompts=prompts,
-                 robot_model=build_robot_model(cfg, backends, vocabulary, prompts))
+                 robot_model=build_robot_model(cfg, backends, vocabulary, prompts), index=live)
     rt.load_s = time.perf_counter() - t0
-    log.info("loaded %d passages (%d terms, dense %s) and %d fallback rules in %.0f ms", len(kb), len(sparse.vocab),
-             "on" if retriever.dense is not None else "off", len(planner.rulebook.fault_rules), rt.load_s * 1000)
+    log.info("loaded %d passages (%d terms, dense %s%s) and %d fallback rules in %.0f ms", len(kb), terms,
+             "on" if retriever.dense is not None else "off", ", live index" if live is not None else "",
+             len(planner.rulebook.fault_rules), rt.load_s * 1000)
     return rt

@@ -55,6 +55,7 @@ def _varint(buf: bytes, pos: int) -> tuple[int, int]:
 def _find_bad_utf8(buf: bytes, desc: Descriptor, prefix: str) -> str | None:
     """Dotted path of the first string field holding invalid UTF-8, or None."""
     pos = 0
+    seen: dict[int, int] = {}  # occurrences so far of each repeated message field, for `name[i]`
     try:
         while pos < len(buf):
             key, pos = _varint(buf, pos)
@@ -84,6 +85,9 @@ def _find_bad_utf8(buf: bytes, desc: Descriptor, prefix: str) -> str | None:
                         if found:
                             return found.replace(f"{name}.key", f"{name} (a key)").replace(f"{name}.value", name)
                     else:
+                        if fd.is_repeated:
+                            seen[number] = seen.get(number, -1) + 1
+                            name = f"{name}[{seen[number]}]"
                         found = _find_bad_utf8(chunk, inner, prefix=f"{name}.")
                         if found:
                             return found

@@ -22,8 +22,9 @@ Threads: hnswlib releases the GIL inside `knn_query`, so searches from the serve
 run in parallel. A single query uses `num_threads=1` (spinning up threads costs more than the search);
 `search_batch` and `build` use `threads`. A filtered search calls back into Python for each visited
 node, holding the GIL for that call; it is still far below the retrieval budget (see bench/RESULTS.md).
-`search` is safe to call concurrently; `add`, `ef` changes and `save` are not, and are meant for the
-build side of an index snapshot (build new, validate, swap), never the serving copy.
+`search` is safe to call concurrently; `add`, `mark_deleted`, `ef` changes and `save` are not (hnswlib
+does not support searching while inserting): the live index (server/index/live_dense.py) wraps them in
+a reader/writer lock so it can add to the serving copy.
 """
 
 from __future__ import annotations
@@ -99,7 +100,12 @@ class HnswIndex:
                  exact_max_rows: int = EXACT_MAX_ROWS, exact_max_fraction: float = EXACT_MAX_FRACTION) -> None:
         # Use build() or load(); this takes an index whose labels are exactly 0..len(vectors)-1.
         self._index = index
+        # `_vectors` is always `_buf[:n]`: `add` appends into spare rows of `_buf` (reallocating it with
+        # headroom when full), so a stream of small additions does not copy the whole matrix each time.
+        # Rows below n never change, so a view taken earlier stays valid after later additions.
+        self._buf = vectors
         self._vectors = vectors
+        self._deleted = 0
         self.threads = threads if threads > 0 else (os.cpu_count() or 1)
         """Threads for build, add and search_batch (0 = one per core)."""
         self.exact_max_rows = exact_max_rows
@@ -131,8 +137,9 @@ class HnswIndex:
             index.add_items(x, np.arange(n, dtype=np.int64), num_threads=out.threads)
         return out
 
-    def add(self, vectors: npt.ArrayLike) -> I64:
-        """Append rows (labels continue from len(self)); grows capacity when needed. Build side only."""
+    def add(self, vectors: npt.ArrayLike, *, threads: int | None = None) -> I64:
+        """Append rows (labels continue from len(self)); grows capacity when needed (graph and vectors
+        both get GROWTH_HEADROOM spare rows, so growth is amortised). Not safe while anyone searches."""
         x = normalize(vectors, name="vectors", dim=self.dim)
         start = len(self)
         labels = np.arange(start, start + x.shape[0], dtype=np.int64)
@@ -141,17 +148,45 @@ class HnswIndex:
         needed = start + x.shape[0]
         if needed > self._index.get_max_elements():
             self._index.resize_index(needed + math.ceil(needed * GROWTH_HEADROOM))
-        self._index.add_items(x, labels, num_threads=self.threads)
-        self._vectors = np.concatenate([self._vectors, x])
+        self._index.add_items(x, labels, num_threads=threads or self.threads)
+        if needed > self._buf.shape[0]:
+            buf = np.empty((needed + math.ceil(needed * GROWTH_HEADROOM), self.dim), np.float32)
+            buf[:start] = self._vectors
+            self._buf = buf
+        self._buf[start:needed] = x
+        self._vectors = self._buf[:needed]
         return labels
+
+    def mark_deleted(self, labels: npt.ArrayLike) -> None:
+        """Hide rows from every later graph search (hnswlib keeps them as routing nodes). Labels stay
+        row numbers; exact search ignores the mark, so callers mask deleted rows there themselves.
+        Not safe while anyone searches."""
+        for label in np.asarray(labels, dtype=np.int64).tolist():
+            self._index.mark_deleted(label)
+            self._deleted += 1
+
+    @property
+    def deleted(self) -> int:
+        """Rows hidden by `mark_deleted`."""
+        return self._deleted
+
+    @property
+    def capacity(self) -> int:
+        """Rows the graph holds before `add` has to grow it."""
+        return int(self._index.get_max_elements())
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the graph (and the vectors it holds) in hnswlib's format; `load` reads it back."""
         self._index.save_index(os.fspath(path))
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], dim: int, ef: int, *, threads: int = 0) -> HnswIndex:
-        """Read an index written by `save`. Raises FileNotFoundError, or ValueError if `dim` is wrong."""
+    def load(cls, path: str | os.PathLike[str], dim: int, ef: int, *, threads: int = 0,
+             vectors: npt.ArrayLike | None = None) -> HnswIndex:
+        """Read an index written by `save`. Raises FileNotFoundError, or ValueError if `dim` is wrong.
+
+        `vectors`: the rows the graph was built from (a snapshot's embeddings.npy), normalised here, instead
+        of reading them back out of the graph: hnswlib's get_items holds the GIL throughout (about 2.7 s
+        at 100k rows), which a server loading a swap candidate while it serves cannot afford."""
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"HNSW index file {p} does not exist")
@@ -169,11 +204,16 @@ class HnswIndex:
         labels = np.sort(np.asarray(index.get_ids_list(), dtype=np.int64))
         if not np.array_equal(labels, np.arange(n, dtype=np.int64)):
             raise ValueError(f"HNSW index file {p}: labels are not the row numbers 0..{n - 1}")
+        if vectors is not None:
+            rows = normalize(vectors, name="vectors", dim=dim)
+            if rows.shape[0] != n:
+                raise ValueError(f"HNSW index file {p}: holds {n} rows, {rows.shape[0]} vectors were given")
+            return cls(index, rows, threads=threads)
         # hnswlib stores the vectors it was given (already normalised), so the exact-search copy
         # comes back from the file itself: one file per index, nothing to keep in sync.
-        vectors = (np.asarray(index.get_items(labels, return_type="numpy"), dtype=np.float32)
-                   if n else np.empty((0, dim), np.float32))
-        return cls(index, np.ascontiguousarray(vectors), threads=threads)
+        out = (np.asarray(index.get_items(labels, return_type="numpy"), dtype=np.float32)
+               if n else np.empty((0, dim), np.float32))
+        return cls(index, np.ascontiguousarray(out), threads=threads)
 
     # -- properties ---------------------------------------------------------------------------------
 
@@ -214,12 +254,12 @@ class HnswIndex:
         n = len(self)
         if k < 0:
             raise ValueError(f"k: must be >= 0, got {k}")
-        allowed = n
+        allowed = n - self._deleted  # marked rows never come back from the graph
         if mask is not None:
             mask = _check_mask(mask, n)
             allowed = int(np.count_nonzero(mask))
             if allowed == n:
-                mask = None
+                mask, allowed = None, n - self._deleted
         k = min(k, allowed)
         if k == 0:
             return np.empty(0, np.int64), np.empty(0, np.float32)

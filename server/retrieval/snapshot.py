@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ import numpy.typing as npt
 from kernels.bm25 import Bm25Matrix
 from server.config import Config
 from server.knowledge import KnowledgeBase, KnowledgeBaseError, Passage, load_corpus_records
-from server.retrieval.sparse import build_bm25, passage_index_text
+from server.retrieval.sparse import bm25_matrix, passage_index_text, tokenize_passages
 from server.retrieval.text import Tokenizer
 
 FORMAT_VERSION = 1
@@ -74,6 +75,14 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _write(path: Path, data: bytes) -> None:
     with path.open("wb") as fh:
         fh.write(data)
@@ -83,8 +92,17 @@ def _write(path: Path, data: bytes) -> None:
 
 def write_snapshot(out: Path, kb: KnowledgeBase, cfg: Config, tokenizer: Tokenizer, *, encoder: Any = None,
                    embeddings: npt.NDArray[np.float32] | None = None, force: bool = False,
-                   log: Any = print) -> dict[str, Any]:
-    """Build the BM25 matrix (and the HNSW graph over `embeddings` when given) and write a snapshot."""
+                   log: Any = print, encoder_id: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
+                   hnsw_threads: int = 0, checkpoint: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Build the BM25 matrix (and the HNSW graph over `embeddings` when given) and write a snapshot.
+
+    `encoder_id` stands in for `encoder` when only its identity is known (the index builder process
+    re-packs vectors without loading the model). `extra` goes into the manifest as is (the index
+    lifecycle's version, parent and write-ahead-log position). `checkpoint(stage)` is called after each
+    step ("bm25", "embeddings", "hnsw", "manifest", "renamed"): progress reports, and crash injection
+    in the tests.
+    """
+    step = checkpoint or (lambda _stage: None)
     if out.exists() and not force:
         raise SnapshotError(f"{out} already exists; pass --force to replace it")
     t0 = time.perf_counter()
@@ -94,7 +112,10 @@ def write_snapshot(out: Path, kb: KnowledgeBase, cfg: Config, tokenizer: Tokeniz
     tmp.mkdir(parents=True)
     try:
         log(f"  bm25: indexing {len(kb)} passages")
-        vocab, matrix = build_bm25(kb, tokenizer, cfg.retrieval.bm25)
+        vocab, docs = tokenize_passages(kb.passages, tokenizer)
+        matrix = bm25_matrix(docs, len(vocab), cfg.retrieval.bm25)
+        tokens = sum(len(d) for d in docs)
+        del docs
         lines = "".join(json.dumps(_passage_dict(p), ensure_ascii=False) + "\n" for p in kb.passages)
         _write(tmp / "passages.jsonl", lines.encode("utf-8"))
         _write(tmp / "vocab.json", json.dumps(vocab, ensure_ascii=False).encode("utf-8"))
@@ -102,6 +123,7 @@ def write_snapshot(out: Path, kb: KnowledgeBase, cfg: Config, tokenizer: Tokeniz
             np.savez(fh, indptr=matrix.indptr, doc_ids=matrix.doc_ids, weights=matrix.weights, idf=matrix.idf)
             fh.flush()
             os.fsync(fh.fileno())
+        step("bm25")
         dense: dict[str, Any] | None = None
         if embeddings is not None:
             from server.retrieval.dense import HnswIndex
@@ -113,23 +135,33 @@ def write_snapshot(out: Path, kb: KnowledgeBase, cfg: Config, tokenizer: Tokeniz
                 np.save(fh, embeddings.astype(np.float32, copy=False))
                 fh.flush()
                 os.fsync(fh.fileno())
+            step("embeddings")
             log(f"  hnsw: building the graph (M={dc.hnsw_m}, ef_construction={dc.hnsw_ef_construction})")
-            index = HnswIndex.build(embeddings, m=dc.hnsw_m, ef_construction=dc.hnsw_ef_construction, ef=dc.hnsw_ef)
+            index = HnswIndex.build(embeddings, m=dc.hnsw_m, ef_construction=dc.hnsw_ef_construction, ef=dc.hnsw_ef,
+                                    threads=hnsw_threads)
             index.save(tmp / "hnsw.bin")
-            dense = {"dim": int(embeddings.shape[1]), "encoder": encoder_identity(encoder),
+            _fsync_file(tmp / "hnsw.bin")
+            step("hnsw")
+            dense = {"dim": int(embeddings.shape[1]),
+                     "encoder": encoder_id if encoder_id is not None else encoder_identity(encoder),
                      "hnsw": {"m": dc.hnsw_m, "ef_construction": dc.hnsw_ef_construction}}
         files = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file()}
         manifest = {
             "format_version": FORMAT_VERSION,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "counts": {"passages": len(kb), "terms": len(vocab), "postings": int(matrix.doc_ids.shape[0])},
+            # tokens: the BM25 length statistics (avgdl = tokens / passages) the live index's delta segment
+            # scores with, so they need not be recomputed from the text.
+            "counts": {"passages": len(kb), "terms": len(vocab), "postings": int(matrix.doc_ids.shape[0]),
+                       "tokens": tokens},
             "tokenizer": tokenizer_settings(tokenizer),
             "bm25": dataclasses.asdict(cfg.retrieval.bm25),
             "dense": dense,
             "files": files,
+            **(extra or {}),
         }
         _write(tmp / MANIFEST, json.dumps(manifest, indent=2).encode("utf-8"))
         _fsync_dir(tmp)
+        step("manifest")
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             out.rename(old)
@@ -138,6 +170,7 @@ def write_snapshot(out: Path, kb: KnowledgeBase, cfg: Config, tokenizer: Tokeniz
         else:
             tmp.rename(out)
         _fsync_dir(out.parent)
+        step("renamed")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -28,14 +28,23 @@ def passage_index_text(p: Passage) -> str:
     return f"{p.text} {p.fault_code} {p.source}"
 
 
+def tokenize_passages(passages: Sequence[Passage], tokenizer: Tokenizer,
+                      vocab: dict[str, int] | None = None) -> tuple[dict[str, int], list[list[int]]]:
+    """Term ids of each passage's index text; new terms are added to `vocab` (a fresh one if None)."""
+    vocab = {} if vocab is None else vocab
+    docs = [[vocab.setdefault(t, len(vocab)) for t in tokenizer(passage_index_text(p))] for p in passages]
+    return vocab, docs
+
+
 def build_bm25(kb: KnowledgeBase, tokenizer: Tokenizer, cfg: Bm25Config) -> tuple[dict[str, int], bm25.Bm25Matrix]:
-    vocab: dict[str, int] = {}
-    docs = [[vocab.setdefault(t, len(vocab)) for t in tokenizer(passage_index_text(p))] for p in kb.passages]
+    vocab, docs = tokenize_passages(kb.passages, tokenizer)
+    return vocab, bm25_matrix(docs, len(vocab), cfg)
+
+
+def bm25_matrix(docs: Sequence[Sequence[int]], n_terms: int, cfg: Bm25Config) -> bm25.Bm25Matrix:
     if cfg.variant == "okapi":
-        matrix = bm25.build_okapi(docs, len(vocab), k1=cfg.k1, b=cfg.b, epsilon=cfg.epsilon)
-    else:
-        matrix = bm25.build(cfg.variant, docs, len(vocab), k1=cfg.k1, b=cfg.b)  # type: ignore[attr-defined]
-    return vocab, matrix
+        return bm25.build_okapi(docs, n_terms, k1=cfg.k1, b=cfg.b, epsilon=cfg.epsilon)
+    return bm25.build(cfg.variant, docs, n_terms, k1=cfg.k1, b=cfg.b)
 
 
 class FilterMasks:

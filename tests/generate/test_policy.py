@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from server.config import Config, GenerationConfig, GroundingConfig, PromptConfig, TaskPolicy
-from server.generate.backend import (BackendServerError, BackendUnavailable, DecodeLimits, Prompt, TextDelta)
+from server.generate.backend import BackendServerError, BackendUnavailable, DecodeLimits, Prompt, TextDelta
 from server.generate.base import GenerationRequest
 from server.generate.grounding import GroundingChecker
 from server.generate.policy import PolicyGenerator, complete_sentences

@@ -59,7 +59,7 @@ def retrieved_steps(runtime: Runtime) -> list[dict[str, Any]]:
 
 async def test_valid_model_plan_is_served_as_model(make_server: Any, runtime: Runtime,
                                                    retrieved_steps: list[dict[str, Any]]) -> None:
-    adapted = retrieved_steps + [{"action": "notify_operator", "params": {"message": "recovered after E302"}}]
+    adapted = [*retrieved_steps, {"action": "notify_operator", "params": {"message": "recovered after E302"}}]
     backend = JsonBackend(json.dumps({"steps": adapted}))
     _, client = await make_server(robot_model=robot_model(runtime, backend))
     r = await client.plan(ROBOT, fault_code=FAULT, state="stopped in aisle 3")
