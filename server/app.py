@@ -21,6 +21,9 @@ from grpc_reflection.v1alpha import reflection
 
 from server.config import REPO_ROOT, Config
 from server.fallback import RobotSituation
+from server.observability import tracing
+from server.observability.logs import configure_logging
+from server.observability.metrics import MetricsServer, set_index_version
 from server.pipeline.answer import AnswerRequest
 from server.proto import ADMIN_SERVICE_NAME, SERVICE_NAME
 from server.runtime import Runtime, build_runtime
@@ -43,12 +46,16 @@ class RunningServer:
     """The separate admin listener when admin.port is set (else IndexAdmin shares `server`)."""
     admin_port: int = 0
     """The port IndexAdmin answers on (the main port unless admin.port is set)."""
+    metrics: MetricsServer | None = None
+    """The Prometheus /metrics listener when [observability] metrics is on (its port: metrics.port)."""
 
     async def stop(self, grace_s: float) -> None:
         await self.health.enter_graceful_shutdown()
         if self.admin_server is not None:
             await self.admin_server.stop(grace_s)
         await self.server.stop(grace_s)
+        if self.metrics is not None:
+            self.metrics.close()
         if self.owns_runtime:
             await self.service.rt.close_backends()
             self.service.rt.close()
@@ -70,6 +77,7 @@ async def start_server(cfg: Config, runtime: Runtime | None = None) -> RunningSe
     opts = [("grpc.max_receive_message_length", cfg.server.max_message_bytes),
             ("grpc.max_send_message_length", cfg.server.max_message_bytes),
             ("grpc.so_reuseport", 0)]
+    tracing.configure(cfg.observability.tracing)  # a missing OpenTelemetry stops startup here, not later
     auth = None
     if cfg.admin.enabled:
         # Credentials first: a missing token file stops startup before minutes of index loading.
@@ -102,6 +110,9 @@ async def start_server(cfg: Config, runtime: Runtime | None = None) -> RunningSe
         names = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names + ((ADMIN_SERVICE_NAME,) if admin and not admin_server else ()),
                                             server)
+    obs = cfg.observability
+    metrics_server = MetricsServer(obs.metrics_host, obs.metrics_port) if obs.metrics else None
+    set_index_version(_index_version(rt))
     await rt.start_backends()
     await server.start()
     if admin_server is not None:
@@ -113,7 +124,17 @@ async def start_server(cfg: Config, runtime: Runtime | None = None) -> RunningSe
     host = cfg.server.host if ":" not in cfg.server.host else f"[{cfg.server.host}]"
     log.info("warm-up done in %.0f ms", warm_s * 1000)
     return RunningServer(server, service, health_servicer, f"{host}:{port}", port, owns_runtime=runtime is None,
-                         admin=admin, admin_server=admin_server, admin_port=admin_port)
+                         admin=admin, admin_server=admin_server, admin_port=admin_port, metrics=metrics_server)
+
+
+def _index_version(rt: Runtime) -> Any:
+    """Reads the live index's snapshot version at each scrape; None (the gauge stays 1) for a static index."""
+    if rt.index is None:
+        return None
+    from server.index.store import version_number
+
+    index = rt.index
+    return lambda: version_number(index.view.version)
 
 
 def _admin_listener(cfg: Config, opts: list[tuple[str, Any]], admin: Any) -> tuple[grpc.aio.Server, int]:
@@ -148,6 +169,8 @@ async def serve(cfg: Config) -> None:
     print(f"  try:  .venv/bin/snaprag ask --target {running.address} \"how do i reset my smart plug\"", flush=True)
     print(f"        .venv/bin/snaprag plan --target {running.address} --robot fl-004 --fault E202 --loaded",
           flush=True)
+    if running.metrics is not None:
+        print(f"  metrics: http://{cfg.observability.metrics_host}:{running.metrics.port}/metrics", flush=True)
     if running.admin is not None:
         host = running.address.rsplit(":", 1)[0]
         tls = " (mTLS)" if cfg.admin.tls_cert else ""
@@ -167,8 +190,8 @@ async def serve(cfg: Config) -> None:
 def run_forever(cfg: Config) -> None:
     import uvloop
 
-    logging.basicConfig(level=cfg.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    # Text or JSON lines, each with the request id; emails, phone and card numbers redacted (always).
+    configure_logging(cfg.server.log_level, cfg.observability.log_format, sys.stderr)
     # httpx logs every request to vLLM at INFO: one line per generated answer drowns the server's own log.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     uvloop.run(serve(cfg))

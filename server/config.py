@@ -431,6 +431,88 @@ class SloConfig:
     stop first on a major fault, hold a load before moving, a technician before motion after people...)."""
 
 
+FaultKind = Literal["none", "slow", "hang", "raise", "garbage", "refused", "stall"]
+
+
+@dataclass
+class AdmissionConfig:
+    """Admission control and load shedding (server/admission.py). A call that finds no free slot waits at
+    most its class's queue time, capped by its profile's first stage budget (retrieve_ms), then is refused
+    with RESOURCE_EXHAUSTED and a `retry-after-ms` trailer: refused fast, never served late. Priority is
+    robot Plan > voice (Ask, Converse: a stream holds one voice slot while open) > Retrieve, by slots
+    reserved for the classes above and by who is woken first when a slot frees."""
+
+    enabled: bool = True
+    """Off: every call is admitted (no limits)."""
+    max_in_flight: int = 256
+    """Calls in flight over all RPCs."""
+    max_plan: int = 128
+    """Plan calls in flight."""
+    max_ask: int = 128
+    """Ask calls in flight."""
+    max_converse: int = 64
+    """Open Converse streams."""
+    max_retrieve: int = 64
+    """Retrieve calls in flight."""
+    reserved_robot: int = 32
+    """Slots of max_in_flight only Plan may take (voice and Retrieve floods cannot starve robots)."""
+    reserved_voice: int = 32
+    """Further slots only Plan and voice may take (Retrieve floods cannot starve voice)."""
+    robot_queue_ms: float = 10.0
+    """Longest a Plan call waits for a slot (never more than profiles.robot.retrieve_ms)."""
+    voice_queue_ms: float = 20.0
+    """Longest an Ask call or a new Converse stream waits for a slot (never more than its retrieve_ms)."""
+    retrieve_queue_ms: float = 0.0
+    """Longest a Retrieve call waits for a slot (0: refused at once when full)."""
+    retry_after_ms: int = 50
+    """The retry-after hint a refused call gets (trailing metadata `retry-after-ms`)."""
+
+
+@dataclass
+class FaultsConfig:
+    """Fault injection for tests and bench (server/faults.py; never in production). Each stage takes a
+    kind: none | slow (delay_ms, then the real work) | hang (until the fault is cleared, at most
+    hang_max_s) | raise | garbage (retrieve: NaN scores and unknown ids; rerank: NaN / wrong-length
+    scores; generate: empty pieces; plan: an invalid plan; backend: not JSON, not text). `backend` (the
+    model backends, e.g. vLLM) also takes refused (connection refused) and stall (a token, then silence).
+    The switch can be flipped at runtime (FaultSwitch); the config sets its initial state."""
+
+    enabled: bool = False
+    """Off: no wrappers are installed at all (zero cost)."""
+    retrieve: FaultKind = "none"
+    """Fault of the retriever."""
+    rerank: FaultKind = "none"
+    """Fault of the cross-encoder."""
+    generate: FaultKind = "none"
+    """Fault of the voice generator (the whole policy, all tiers)."""
+    plan: FaultKind = "none"
+    """Fault of the plan stage (choosing a retrieved procedure)."""
+    backend: FaultKind = "none"
+    """Fault of every model backend (vLLM, local)."""
+    delay_ms: float = 200.0
+    """What `slow` adds before the real work."""
+    hang_max_s: float = 30.0
+    """A `hang` ends after this long even if never cleared (so no thread is held forever)."""
+
+
+@dataclass
+class ObservabilityConfig:
+    """Metrics, logs and tracing (server/observability/; README "Observability")."""
+
+    metrics: bool = True
+    """Serve Prometheus metrics over HTTP (`GET /metrics`) on metrics_port, a listener of its own."""
+    metrics_host: str = "127.0.0.1"
+    """Address the metrics listener binds (0.0.0.0 for a Prometheus on another machine)."""
+    metrics_port: int = 9464
+    """Port of the metrics listener; 0 picks a free one (printed at startup; the tests use 0)."""
+    log_format: Literal["text", "json"] = "text"
+    """`json`: one JSON object per line (ts, level, logger, message, request_id, extra fields). Emails,
+    phone numbers and card numbers are redacted from every log line either way."""
+    tracing: bool = False
+    """OpenTelemetry spans per RPC and per stage, to the process's global TracerProvider. Needs the
+    `tracing` extra (pip install 'snaprag[tracing]'); while false, opentelemetry is never imported."""
+
+
 @dataclass
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -447,6 +529,9 @@ class Config:
     slo: SloConfig = field(default_factory=SloConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
+    observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)
 
     def validate(self) -> Config:
         """Cross-field checks, all here. Raises ConfigError naming the key."""
@@ -495,8 +580,29 @@ class Config:
                 raise ConfigError(f"generation.local.adapters: {entry!r} must be NAME=DIR")
         if not 0.0 <= self.voice.early_retrieval_stability <= 1.0:
             raise ConfigError("voice.early_retrieval_stability: must be in [0, 1]")
+        if not 0 <= self.observability.metrics_port <= 65535:
+            raise ConfigError(f"observability.metrics_port: must be in 0..65535, got {self.observability.metrics_port}")
         self._validate_admin()
+        self._validate_admission()
         return self
+
+    def _validate_admission(self) -> None:
+        ad = self.admission
+        for name in ("max_in_flight", "max_plan", "max_ask", "max_converse", "max_retrieve"):
+            if getattr(ad, name) < 1:
+                raise ConfigError(f"admission.{name}: must be >= 1")
+        if ad.reserved_robot < 0 or ad.reserved_voice < 0 or ad.reserved_robot + ad.reserved_voice >= ad.max_in_flight:
+            raise ConfigError("admission.reserved_robot + reserved_voice: must be >= 0 each and below max_in_flight "
+                              "(Retrieve needs at least one slot)")
+        for name in ("robot_queue_ms", "voice_queue_ms", "retrieve_queue_ms", "retry_after_ms"):
+            if getattr(ad, name) < 0:
+                raise ConfigError(f"admission.{name}: must be >= 0")
+        f = self.faults
+        for stage in ("retrieve", "rerank", "generate", "plan"):
+            if getattr(f, stage) in ("refused", "stall"):
+                raise ConfigError(f"faults.{stage}: {getattr(f, stage)!r} is for faults.backend only")
+        if f.delay_ms < 0 or f.hang_max_s <= 0:
+            raise ConfigError("faults.delay_ms must be >= 0 and faults.hang_max_s > 0")
 
     def _validate_admin(self) -> None:
         a, ix = self.admin, self.index

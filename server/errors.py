@@ -28,6 +28,8 @@ from typing import Any
 
 import grpc
 
+from server.observability.rpc import observed
+
 log = logging.getLogger(__name__)
 
 
@@ -52,7 +54,14 @@ class FailedPrecondition(SnapragError):
 
 
 class ResourceExhausted(SnapragError):
+    """Overloaded (admission control shed the call). `retry_after_ms` goes out as the trailing metadata
+    `retry-after-ms`; the message names it too."""
+
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, *, retry_after_ms: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_ms = retry_after_ms
 
 
 class Unavailable(SnapragError):
@@ -95,8 +104,15 @@ def status_for(exc: BaseException, request_id: str) -> tuple[grpc.StatusCode, st
     return grpc.StatusCode.INTERNAL, f"internal error (request id {request_id}); the server log has the details"
 
 
+def trailers_for(exc: BaseException) -> tuple[tuple[str, str], ...]:
+    """Trailing metadata that goes with the status (the retry-after hint of a shed call)."""
+    retry_after = getattr(exc, "retry_after_ms", None)
+    return (("retry-after-ms", str(int(retry_after))),) if retry_after is not None else ()
+
+
 def grpc_errors(method: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap a servicer method (unary or streaming) so every error leaves through `status_for`."""
+    """Wrap a servicer method (unary or streaming) so every error leaves through `status_for`; the RPC is
+    counted, timed and traced by `server.observability.rpc.observed` around that."""
     if inspect.isasyncgenfunction(method):
         @functools.wraps(method)
         async def stream(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
@@ -109,8 +125,8 @@ def grpc_errors(method: Callable[..., Any]) -> Callable[..., Any]:
                 raise
             except BaseException as e:
                 code, msg = status_for(e, REQUEST_ID.get())
-                await context.abort(code, msg)
-        return stream
+                await context.abort(code, msg, trailing_metadata=trailers_for(e))
+        return observed(stream)
 
     @functools.wraps(method)
     async def unary(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -121,5 +137,5 @@ def grpc_errors(method: Callable[..., Any]) -> Callable[..., Any]:
             raise
         except BaseException as e:
             code, msg = status_for(e, REQUEST_ID.get())
-            await context.abort(code, msg)
-    return unary
+            await context.abort(code, msg, trailing_metadata=trailers_for(e))
+    return observed(unary)

@@ -66,6 +66,8 @@ class Runtime:
     index: Any = None
     """server.index.live.LiveIndex when [admin] enabled (retriever and kb then follow its live view), else
     None: the index is static, built at startup."""
+    faults: Any = None
+    """server.faults.FaultSwitch when [faults] enabled (the parts above are then wrapped), else None."""
 
     async def start_backends(self) -> None:
         for backend in self.backends.values():
@@ -219,6 +221,13 @@ def build_runtime(cfg: Config) -> Runtime:
                                      min_support=cfg.generation.min_support)
     cpu = ThreadPoolExecutor(max_workers=cfg.server.cpu_workers, thread_name_prefix="snaprag-cpu")
     backends = build_backends(cfg)
+    faults = None
+    if cfg.faults.enabled:  # fault injection (tests, bench): wrappers installed here, nowhere else
+        from server.faults import FaultSwitch
+
+        faults = FaultSwitch.from_config(cfg.faults)
+        backends = {kind: faults.wrap_backend(b) for kind, b in backends.items()}
+        retriever, reranker = faults.wrap_retriever(retriever), faults.wrap_reranker(reranker)
     generator, prompts = build_voice_generator(cfg, extractive, backends, tokenizer, encoder, cpu)
     vocabulary = ActionVocabulary.load(cfg.resolve_path(cfg.fallback.actions_path))
     fault_codes_path = cfg.resolve_path(cfg.fallback.fault_codes_path)
@@ -227,7 +236,9 @@ def build_runtime(cfg: Config) -> Runtime:
                  vocabulary=vocabulary, fault_codes=load_fault_codes(fault_codes_path),
                  cpu=cpu, reranker=reranker, rerank_pair_ms=pair_ms, backends=backends,
                  robot_backend=backends.get(cfg.generation.robot.backend), prompts=prompts,
-                 robot_model=build_robot_model(cfg, backends, vocabulary, prompts), index=live)
+                 robot_model=build_robot_model(cfg, backends, vocabulary, prompts), index=live, faults=faults)
+    if faults is not None:
+        rt.generator = faults.wrap_generator(generator)
     rt.load_s = time.perf_counter() - t0
     log.info("loaded %d passages (%d terms, dense %s%s) and %d fallback rules in %.0f ms", len(kb), terms,
              "on" if retriever.dense is not None else "off", ", live index" if live is not None else "",

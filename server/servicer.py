@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 
 from server import validation
+from server.admission import Admission
 from server.errors import (
     REQUEST_ID,
     DeadlineExpired,
@@ -26,6 +27,7 @@ from server.errors import (
     grpc_errors,
 )
 from server.fallback import RobotSituation
+from server.observability.metrics import observe_retrieved
 from server.pipeline.answer import AnswerPipeline, AnswerRequest
 from server.pipeline.budget import Budget
 from server.pipeline.conversation import Conversation
@@ -33,6 +35,7 @@ from server.pipeline.events import AnswerEvent, ChunkEvent, CitationsEvent, Fina
 from server.pipeline.plan import PlanPipeline
 from server.pipeline.stage import Outcome, StageMissed, Trace, run_stage
 from server.proto import SERVICE_NAME, pb
+from server.retrieval.checks import checked_search
 from server.retrieval.sparse import Filters, Hit
 from server.runtime import Runtime
 from server.wire import MalformedRequest, safe_deserializer
@@ -78,6 +81,7 @@ class AssistantService:
         self.rt = rt
         self.answers = AnswerPipeline(rt)
         self.plans = PlanPipeline(rt)
+        self.admission = Admission(rt.cfg.admission)
         self.ready = False
 
     # ------------------------------------------------------------------ registration
@@ -117,9 +121,11 @@ class AssistantService:
         validation.bounded_text(req.session_id, "session_id", cfg.limits.max_id_chars)
         validation.locale(req.locale, self.rt.kb)
         remaining = _client_remaining(context)
-        areq = AnswerRequest(query=query, profile=prof, filters=filters, client_remaining_s=remaining)
-        async for ev in self.answers.run(areq):
-            yield answer_event_pb(ev, 0, request_id)
+        with await self.admission.admit("Ask", stage_budget_s=prof.retrieve_ms / 1000, client_remaining_s=remaining):
+            remaining = _client_remaining(context)
+            areq = AnswerRequest(query=query, profile=prof, filters=filters, client_remaining_s=remaining)
+            async for ev in self.answers.run(areq):
+                yield answer_event_pb(ev, 0, request_id)
 
     # ------------------------------------------------------------------ Plan
     @grpc_errors
@@ -144,7 +150,8 @@ class AssistantService:
         situation = RobotSituation(robot_id=robot_id, task=req.task.strip(), fault_code=req.fault_code.strip(),
                                    state=req.state.strip(), location=req.location.strip(),
                                    carrying_load=req.carrying_load, battery_pct=battery)
-        result = await self.plans.run(situation, prof, remaining)
+        with await self.admission.admit("Plan", stage_budget_s=prof.retrieve_ms / 1000, client_remaining_s=remaining):
+            result = await self.plans.run(situation, prof, _client_remaining(context))
         return plan_pb(result, request_id)
 
     # ------------------------------------------------------------------ Retrieve
@@ -165,14 +172,22 @@ class AssistantService:
                 f"(retrieval.dense.enabled = false); use {' or '.join(FUSION_TO_PB[m] for m in available)} "
                 "or leave fusion unset")
         used = mode or available[0]
-        args = (query, k, filters) if mode is None else (query, k, filters, mode)
+        remaining = _client_remaining(context)
+        ticket = await self.admission.admit("Retrieve", stage_budget_s=prof.retrieve_ms / 1000,
+                                            client_remaining_s=remaining)
+        with ticket:
+            return await self._retrieve(query, k, filters, mode, used, prof, context, request_id)
+
+    async def _retrieve(self, query: str, k: int, filters: Filters, mode: str | None, used: str, prof: Any,
+                        context: grpc.aio.ServicerContext, request_id: str) -> pb.RetrieveResponse:
         remaining = _client_remaining(context)
         budget = Budget.start(prof.retrieve_ms / 1000, client_remaining_s=remaining)
         trace = Trace()
         loop = asyncio.get_running_loop()
+        kb = self.rt.kb
         try:
-            hits = await run_stage("retrieve", lambda: loop.run_in_executor(self.rt.cpu, self.rt.retriever.search,
-                                                                            *args),
+            hits = await run_stage("retrieve", lambda: loop.run_in_executor(
+                                       self.rt.cpu, checked_search, self.rt.retriever, kb, query, k, filters, mode),
                                    budget=budget, stage_budget_s=prof.retrieve_ms / 1000, trace=trace, mandatory=True)
         except StageMissed as miss:
             t = miss.timing
@@ -180,6 +195,7 @@ class AssistantService:
                 raise DeadlineExpired(f"retrieve {t.detail}") from None
             raise Unavailable(f"retrieve failed: {t.detail}") from None
         assert hits is not None
+        observe_retrieved("retrieve", len(hits))
         return pb.RetrieveResponse(
             passages=[pb.ScoredPassage(passage=passage_pb(h), score=h.score, rank=i + 1) for i, h in enumerate(hits)],
             timings=[timing_pb(t) for t in trace.timings], total_ms=budget.elapsed_ms(), request_id=request_id,
@@ -189,9 +205,13 @@ class AssistantService:
     @grpc_errors
     async def Converse(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.AnswerEvent]:
         request_id = self._begin(context)
-        session = ConverseSession(self, request_id, context)
-        async for ev in session.run(request_iterator):
-            yield ev
+        voice = self.rt.cfg.profiles["voice"]
+        ticket = await self.admission.admit("Converse", stage_budget_s=voice.retrieve_ms / 1000,
+                                            client_remaining_s=_client_remaining(context))
+        with ticket:  # the stream holds its voice slot until it ends
+            session = ConverseSession(self, request_id, context)
+            async for ev in session.run(request_iterator):
+                yield ev
 
 
 class ConverseSession:

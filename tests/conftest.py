@@ -16,7 +16,8 @@ from server.runtime import Runtime, build_runtime
 
 @pytest.fixture(scope="session")
 def config() -> Config:
-    return load_config(overrides=["server.port=0"], env={})
+    # Free ports only: the metrics listener too (its default, 9464, is for `make run`).
+    return load_config(overrides=["server.port=0", "observability.metrics_port=0"], env={})
 
 
 @pytest.fixture(scope="session")

@@ -20,10 +20,12 @@ from dataclasses import dataclass, field
 from server.config import ProfileConfig
 from server.generate.base import AnswerPiece, ConversationTurn, GenerationRecord, GenerationRequest
 from server.generate.sentences import split_sentences
+from server.observability.metrics import observe_answer, observe_retrieved
 from server.pipeline.budget import Budget
 from server.pipeline.events import AnswerEvent, ChunkEvent, CitationsEvent, FinalEvent, Mode, TimingEvent
 from server.pipeline.rerank import RerankStage
 from server.pipeline.stage import Outcome, StageMissed, StageTiming, Trace, run_stage
+from server.retrieval.checks import checked_search
 from server.retrieval.sparse import Filters, Hit
 from server.runtime import Runtime
 
@@ -55,7 +57,8 @@ class AnswerPipeline:
     def search(self, query: str, k: int, filters: Filters) -> Awaitable[list[Hit]]:
         """Retrieval off the event loop, in the CPU pool (a deeper list when rerank needs a head)."""
         loop = asyncio.get_running_loop()
-        return loop.run_in_executor(self.rt.cpu, self.rt.retriever.search, query, self.rerank.fetch_k(k), filters)
+        return loop.run_in_executor(self.rt.cpu, checked_search, self.rt.retriever, self.rt.kb, query,
+                                    self.rerank.fetch_k(k), filters)
 
     async def run(self, req: AnswerRequest) -> AsyncIterator[AnswerEvent]:
         p = req.profile
@@ -88,6 +91,7 @@ class AnswerPipeline:
         for ev in new_timings():
             yield ev
         assert hits is not None
+        observe_retrieved("answer", len(hits))
         if not hits:
             why = StageTiming("retrieve", 0.0, 0.0, Outcome.OK, "retrieval found no passage for the question")
             async for ev in self._fallback(req, trace, first, why, Mode.DEGRADED, early_used, []):
@@ -118,7 +122,7 @@ class AnswerPipeline:
         mode, reason, missed = Mode.FULL, "", ""
         try:
             try:
-                piece = await run_stage("generate", lambda: anext(stream, None), budget=first,
+                piece = await run_stage("generate", lambda: _checked_next(stream), budget=first,
                                         stage_budget_s=gen_window, trace=trace, mandatory=True)
             except StageMissed as miss:
                 async for ev in self._fallback(req, trace, first, miss.timing, Mode.FALLBACK, early_used,
@@ -141,11 +145,15 @@ class AnswerPipeline:
                 left = answer_deadline - time.monotonic()
                 try:
                     async with asyncio.timeout(max(0.0, min(STALL_S, left))):
-                        piece = await anext(stream, None)
+                        piece = check_piece(await anext(stream, None))
                 except TimeoutError:
                     mode, missed = Mode.DEGRADED, "generate"
                     reason = (f"generation stopped after {len(pieces)} sentence(s): "
                               f"{'answer deadline reached' if left <= STALL_S else 'stalled'}")
+                    piece = None
+                except Exception as e:  # a spoken sentence cannot be taken back: stop here, DEGRADED
+                    mode, missed = Mode.DEGRADED, "generate"
+                    reason = f"generation failed after {len(pieces)} sentence(s): {type(e).__name__}: {e}"[:300]
                     piece = None
         finally:
             with contextlib.suppress(Exception):
@@ -157,6 +165,7 @@ class AnswerPipeline:
         if mode is Mode.FULL and record.degraded_reason:
             mode, missed, reason = Mode.DEGRADED, "generate", record.degraded_reason
         log_generation(record)
+        observe_answer(record, len(pieces))
         yield FinalEvent(mode=mode, reason=reason, missed_stage=missed, timings=list(trace.timings),
                          answer_text=_with_markers(pieces), generator=record.backend or gen.name,
                          total_ms=first.elapsed_ms(), first_chunk_ms=first_chunk_ms, early_retrieval_used=early_used,
@@ -182,6 +191,22 @@ class AnswerPipeline:
         yield FinalEvent(mode=mode, reason=reason, missed_stage=missed, timings=list(trace.timings),
                          answer_text=" ".join(sentences), generator="fallback", total_ms=budget.elapsed_ms(),
                          first_chunk_ms=first_chunk_ms, early_retrieval_used=early_used)
+
+
+class InvalidPiece(ValueError):
+    """The generator yielded something that is not a speakable sentence (empty, not text)."""
+
+
+def check_piece(piece: AnswerPiece | None) -> AnswerPiece | None:
+    if piece is None:
+        return None
+    if not isinstance(piece, AnswerPiece) or not isinstance(piece.text, str) or not piece.text.strip():
+        raise InvalidPiece(f"generator yielded an empty or non-text piece: {piece!r}"[:200])
+    return piece
+
+
+async def _checked_next(stream: AsyncIterator[AnswerPiece]) -> AnswerPiece | None:
+    return check_piece(await anext(stream, None))
 
 
 def log_generation(record: GenerationRecord) -> None:

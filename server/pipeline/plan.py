@@ -17,11 +17,13 @@ from server.config import ProfileConfig
 from server.fallback import FallbackPlan, RobotSituation
 from server.generate.base import Source
 from server.generate.sentences import split_sentences
+from server.observability.metrics import observe_retrieved
 from server.pipeline.budget import Budget
 from server.pipeline.events import Mode, PlanResult, PlanSource
 from server.pipeline.stage import Outcome, StageMissed, StageTiming, Trace, run_stage
+from server.retrieval.checks import checked_search
 from server.retrieval.sparse import Hit
-from server.robot_plan import PlanStep, PlanValidationError, check_plan_safety, hold_load_after_stop
+from server.robot_plan import ActionVocabulary, PlanStep, PlanValidationError, check_plan_safety, hold_load_after_stop
 from server.runtime import Runtime
 
 # Rule tiers that win over any retrieved procedure: a person or hazard changes what is safe.
@@ -41,6 +43,12 @@ class Chosen:
 class PlanPipeline:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
+        # The plan stage's work; fault injection (server/faults.py) wraps it when [faults] is on.
+        self.choose_stage = rt.faults.wrap_plan(self._choose_checked) if rt.faults is not None \
+            else self._choose_checked
+
+    async def _choose_checked(self, hits: list[Hit], s: RobotSituation) -> Chosen | None:
+        return check_chosen(self.choose(hits, s), self.rt.vocabulary)
 
     def query_for(self, s: RobotSituation) -> str:
         code = s.fault_code.strip().upper()
@@ -64,13 +72,14 @@ class PlanPipeline:
         query = self.query_for(s)
         try:
             hits = await run_stage(
-                "retrieve", lambda: loop.run_in_executor(self.rt.cpu, self.rt.retriever.search, query,
-                                                         max(p.default_k, 8), {"domain": ["warehouse"]}),
+                "retrieve", lambda: loop.run_in_executor(self.rt.cpu, checked_search, self.rt.retriever, self.rt.kb,
+                                                         query, max(p.default_k, 8), {"domain": ["warehouse"]}),
                 budget=budget, stage_budget_s=p.retrieve_ms / 1000, trace=trace, mandatory=True)
             assert hits is not None
+            observe_retrieved("plan", len(hits))
             # Procedures are chosen by fault code and model, which a relevance reranker cannot improve.
             trace.skipped("rerank", "not used for plans: the procedure is chosen by fault code and model")
-            chosen = await run_stage("plan", lambda: _now(self.choose(hits, s)), budget=budget,
+            chosen = await run_stage("plan", lambda: self.choose_stage(hits, s), budget=budget,
                                      stage_budget_s=p.plan_ms / 1000, trace=trace, mandatory=True)
         except StageMissed as miss:
             t = miss.timing
@@ -156,5 +165,13 @@ def _battery_overrides(rules: FallbackPlan, reported: str) -> bool:
     return rules.rule_id.startswith("fault.E40") and not rules.rule_id.startswith(f"fault.{reported}")
 
 
-async def _now(value: Chosen | None) -> Chosen | None:
-    return value
+def check_chosen(chosen: Chosen | None, vocabulary: ActionVocabulary) -> Chosen | None:
+    """The plan stage's output, validated again (a faulty stage must fail, not hand the robot garbage)."""
+    if chosen is None:
+        return None
+    if not isinstance(chosen, Chosen) or not chosen.steps:
+        raise PlanValidationError([f"plan stage returned no valid plan: {chosen!r}"[:200]])
+    problems = vocabulary.validate(chosen.steps)
+    if problems:
+        raise PlanValidationError(problems)
+    return chosen

@@ -17,6 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from server.config import RerankConfig
+from server.observability.metrics import RERANK_CANDIDATES
 from server.pipeline.budget import Budget
 from server.pipeline.stage import Trace, run_stage
 from server.rerank.budget import PairCost, affordable, rerank_scores
@@ -47,6 +48,11 @@ class RerankStage:
         t0 = time.perf_counter()
         logits = self.reranker.score(query, texts, batch_size=self.cfg.batch_size)
         self.cost.observe(len(texts), (time.perf_counter() - t0) * 1000)
+        logits = np.asarray(logits, dtype=np.float32)
+        if logits.shape != (len(texts),) or not np.isfinite(logits).all():
+            # garbage from the model (NaN, wrong length) fails the stage: the fused order stands
+            raise ValueError(f"reranker returned invalid scores (shape {logits.shape}, "
+                             f"{int(np.isfinite(logits).sum())} finite) for {len(texts)} candidates")
         return logits
 
     async def run(self, query: str, hits: list[Hit], k: int, *, budget: Budget, stage_budget_s: float,
@@ -60,6 +66,7 @@ class RerankStage:
             trace.skipped(self.name, f"no candidate fits: {time_left_ms:.0f} ms left at "
                                      f"~{self.cost.per_pair_ms:.1f} ms per pair")
             return hits[:k]
+        RERANK_CANDIDATES.observe(n)
         texts = [h.passage.text for h in hits[:n]]
         loop = asyncio.get_running_loop()
         logits = await run_stage(self.name, lambda: loop.run_in_executor(self.cpu, self._score, query, texts),

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import TypeVar
 
+from server.observability.metrics import observe_stage
+from server.observability.tracing import stage_span
 from server.pipeline.budget import Budget
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,9 @@ class Trace:
 
     def record(self, timing: StageTiming) -> StageTiming:
         self.timings.append(timing)
+        # The one place every stage is observed: latency histogram, and a span when tracing is on.
+        observe_stage(timing.stage, timing.outcome.value, timing.elapsed_ms)
+        stage_span(timing.stage, timing.outcome.value, timing.elapsed_ms, timing.budget_ms, timing.detail)
         if self.on_timing is not None:
             self.on_timing(timing)
         return timing

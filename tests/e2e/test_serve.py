@@ -24,7 +24,8 @@ def _snaprag() -> list[str]:
 
 @pytest.fixture(scope="module")
 def served() -> Iterator[tuple[subprocess.Popen[str], str]]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "GRPC_VERBOSITY": "ERROR"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "GRPC_VERBOSITY": "ERROR",
+           "SNAPRAG__OBSERVABILITY__METRICS_PORT": "0"}
     proc = subprocess.Popen([*_snaprag(), "serve", "--host", "127.0.0.1", "--port", "0"], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     address = ""
