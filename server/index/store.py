@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from server.retrieval.snapshot import SnapshotError, read_manifest
+from server.retrieval.snapshot import SnapshotError, fsync_path, read_manifest
 
 CURRENT = "CURRENT"
 VERSION = re.compile(r"^v(\d{6,})$")
@@ -107,7 +107,7 @@ class SnapshotStore:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, self.current_file)
-        _fsync_dir(self.root)
+        fsync_path(self.root)
 
     def cleanup(self) -> list[str]:
         """Remove what crashed writers left: temp snapshot dirs and temp pointer files. Returns their names."""
@@ -132,7 +132,7 @@ class SnapshotStore:
             os.replace(self.snapshots / v, gone)
             shutil.rmtree(gone, ignore_errors=True)
         if doomed:
-            _fsync_dir(self.snapshots)
+            fsync_path(self.snapshots)
         return doomed
 
     def info(self, version: str) -> dict[str, Any]:
@@ -144,11 +144,3 @@ class SnapshotStore:
         size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
         return {"version": version, "passages": int(manifest.get("counts", {}).get("passages", 0)),
                 "created": str(manifest.get("created", "")), "bytes": size}
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

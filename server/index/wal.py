@@ -30,6 +30,7 @@ import numpy as np
 import numpy.typing as npt
 
 from server.knowledge import KnowledgeBaseError, Passage, parse_passage
+from server.retrieval.snapshot import fsync_path
 
 MAGIC = b"SRW1"
 HEADER = struct.Struct("<4sII")
@@ -170,7 +171,7 @@ class WriteAheadLog:
             new = not self.path(self.active).exists()
             self._fh = self.path(self.active).open("ab")
             if new:
-                _fsync_dir(self.folder)
+                fsync_path(self.folder)
         self._fh.write(encode_record(rec))
         self._fh.flush()
         os.fsync(self._fh.fileno())
@@ -190,7 +191,7 @@ class WriteAheadLog:
         """Delete segments <= number (their writes are inside the served snapshot)."""
         for p in self.segments(0, number):
             p.unlink(missing_ok=True)
-        _fsync_dir(self.folder)
+        fsync_path(self.folder)
 
     def close(self) -> None:
         if self._fh is not None:
@@ -198,12 +199,6 @@ class WriteAheadLog:
             self._fh = None
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read_all(paths: Sequence[Path]) -> Iterator[WalRecord]:

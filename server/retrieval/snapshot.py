@@ -67,15 +67,8 @@ def tokenizer_settings(tok: Tokenizer) -> dict[str, Any]:
     return {"lowercase": tok.lowercase, "stopwords": tok.stopwords, "stem": tok.stem}
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file, or a directory (so a rename or new entry inside it survives a crash)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -140,7 +133,7 @@ def write_snapshot(out: Path, kb: KnowledgeBase, cfg: Config, tokenizer: Tokeniz
             index = HnswIndex.build(embeddings, m=dc.hnsw_m, ef_construction=dc.hnsw_ef_construction, ef=dc.hnsw_ef,
                                     threads=hnsw_threads)
             index.save(tmp / "hnsw.bin")
-            _fsync_file(tmp / "hnsw.bin")
+            fsync_path(tmp / "hnsw.bin")
             step("hnsw")
             dense = {"dim": int(embeddings.shape[1]),
                      "encoder": encoder_id if encoder_id is not None else encoder_identity(encoder),
@@ -160,7 +153,7 @@ def write_snapshot(out: Path, kb: KnowledgeBase, cfg: Config, tokenizer: Tokeniz
             **(extra or {}),
         }
         _write(tmp / MANIFEST, json.dumps(manifest, indent=2).encode("utf-8"))
-        _fsync_dir(tmp)
+        fsync_path(tmp)
         step("manifest")
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
@@ -169,7 +162,7 @@ def write_snapshot(out: Path, kb: KnowledgeBase, cfg: Config, tokenizer: Tokeniz
             shutil.rmtree(old)
         else:
             tmp.rename(out)
-        _fsync_dir(out.parent)
+        fsync_path(out.parent)
         step("renamed")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
