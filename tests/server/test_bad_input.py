@@ -134,10 +134,21 @@ async def test_converse_start_must_come_first(client: AssistantClient) -> None:
 
 async def test_deadline_already_expired(client: AssistantClient) -> None:
     # A deadline that passes in transit: the server must refuse with DEADLINE_EXCEEDED, not work late.
-    for _ in range(3):
+    # gRPC carries the timeout in coarse units and the fallback plan takes well under a millisecond, so
+    # once in a while the whole round trip beats the deadline (seen once in CI): then the reply must be a
+    # complete plan, never late or partial work. The refusal logic itself is unit-tested in
+    # tests/server/test_deadlines.py::test_expired_deadline_is_refused_before_work.
+    refused = 0
+    for _ in range(5):
         call = client.stub.Plan(pb.PlanRequest(robot_id="amr-001"), timeout=0.0005)
-        err = await rpc_error(call)
-        assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        try:
+            reply = await call
+        except grpc.aio.AioRpcError as err:
+            assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            refused += 1
+        else:
+            assert reply.steps and reply.mode in (pb.FULL, pb.FALLBACK)
+    assert refused >= 3
 
 
 async def test_server_still_serves_after_bad_input(client: AssistantClient) -> None:

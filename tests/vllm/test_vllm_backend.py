@@ -206,9 +206,15 @@ async def test_closing_the_stream_aborts_the_vllm_request(vllm_server: VllmServe
     before = _aborts(vllm_server)
     lim = limits(max_tokens=LONG)
     stream = guarded(backend.stream(Prompt(messages()), lim, model=vllm_server.model), lim)
-    got = [await anext(stream) for _ in range(3)]
+    got: list[object] = []
+    # Random weights may emit a run of byte tokens that vLLM's detokenizer holds back until they form
+    # UTF-8 (seen once in CI: the engine decoding at 224 tok/s, no text streamed for 10 s). The request
+    # is running either way; what this test is about is that closing the stream aborts it.
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(3.0):
+            while len(got) < 3:
+                got.append(await anext(stream))
     await stream.aclose()
-    assert len(got) == 3
     await _assert_aborted(vllm_server, before)
 
 
@@ -224,7 +230,8 @@ async def test_cancelling_the_consumer_aborts_the_vllm_request(vllm_server: Vllm
             first.set()
 
     task = asyncio.create_task(consume())
-    await asyncio.wait_for(first.wait(), 10)
+    with contextlib.suppress(TimeoutError):  # see the test above: text may lag the running request
+        await asyncio.wait_for(first.wait(), 3.0)
     task.cancel()  # what a cancelled gRPC call does to the handler
     with pytest.raises(asyncio.CancelledError):
         await task
