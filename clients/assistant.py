@@ -21,7 +21,6 @@ answer is retried only while no event has arrived; once the user may have heard 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import random
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
@@ -33,6 +32,7 @@ import grpc
 
 from server.proto import pb, pb_grpc
 from server.robot_plan import PlanStep
+from server.security import is_loopback
 
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
 # Retry backoff: first wait, growth and cap (with full jitter so a restarted server is not stampeded).
@@ -77,28 +77,6 @@ class TlsOptions:
     def credentials(self) -> grpc.ChannelCredentials:
         return grpc.ssl_channel_credentials(root_certificates=self.root_certs, private_key=self.client_key,
                                             certificate_chain=self.client_cert)
-
-
-def is_loopback(target: str) -> bool:
-    """True for `localhost`, 127.0.0.0/8 and ::1 targets (with or without a port, `unix:` sockets too)."""
-    if target.startswith(("unix:", "unix-abstract:")):
-        return True
-    for scheme in ("dns:///", "dns:", "ipv4:", "ipv6:"):
-        if target.startswith(scheme):
-            target = target[len(scheme):]
-            break
-    if target.startswith("["):  # [v6]:port
-        host = target[1:].split("]", 1)[0]
-    elif target.count(":") == 1:  # host:port
-        host = target.split(":", 1)[0]
-    else:  # a bare host, or a bare IPv6 address
-        host = target
-    if host in ("localhost", "ip6-localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def make_channel(target: str, *, tls: TlsOptions | None = None,

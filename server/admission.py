@@ -11,6 +11,11 @@ the highest class first. Then it is refused with `ResourceExhausted` (RESOURCE_E
 metadata `retry-after-ms`). The refuse path is synchronous: counters and one exception, microseconds.
 
 A Converse stream holds one voice slot while it is open.
+
+Slots bound how many calls are in flight, not how late they will be: before taking a slot, a call is refused
+at once when work admitted now would wait longer than its class's `*_max_delay_ms` to start (event-loop lag
+plus the CPU pool's queue, server/load.py). The lower classes have lower limits, so under CPU overload
+Retrieve is shed first, then voice, and the queue stays short enough for robot Plans.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Any
 
 from server.config import AdmissionConfig
 from server.errors import ResourceExhausted
+from server.load import LoadGauge
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +72,12 @@ class Ticket:
 
 
 class Admission:
-    def __init__(self, cfg: AdmissionConfig) -> None:
+    def __init__(self, cfg: AdmissionConfig, load: LoadGauge | None = None) -> None:
         self.cfg = cfg
+        self.load = load
+        """The expected start delay of a call admitted now (server/load.py); None = slots only."""
+        self._max_delay_s = {"robot": cfg.robot_max_delay_ms / 1000, "voice": cfg.voice_max_delay_ms / 1000,
+                             "retrieve": cfg.retrieve_max_delay_ms / 1000}
         self.in_flight = 0
         self.by_rpc: dict[str, int] = dict.fromkeys(RPC_CLASS, 0)
         self.shed: dict[str, int] = dict.fromkeys(RPC_CLASS, 0)
@@ -108,7 +118,16 @@ class Admission:
 
     async def admit(self, rpc: str, *, stage_budget_s: float, client_remaining_s: float | None = None) -> Ticket:
         """A slot, after waiting at most min(class queue time, first stage budget, client's time left);
-        else `ResourceExhausted`. When no wait is allowed nothing is awaited."""
+        else `ResourceExhausted`. When no wait is allowed nothing is awaited. A call that would wait longer
+        than its class's max delay for the loop and CPU pool to start it is refused at once: it could not
+        start within budget, and waiting for a slot would not change that."""
+        if self.load is not None and self.cfg.enabled:
+            limit = self._max_delay_s[RPC_CLASS[rpc]]
+            if limit > 0:
+                delay = self.load.expected_delay_s()
+                if delay > limit:
+                    raise self._refuse(rpc, why=f"work admitted now would wait ~{delay * 1000:.0f} ms to start "
+                                                f"({self.load.describe()}; {rpc} limit {limit * 1000:g} ms)")
         ticket = self.try_admit(rpc)
         if ticket is not None:
             return ticket
@@ -139,13 +158,14 @@ class Admission:
             except ValueError:
                 pass
 
-    def _refuse(self, rpc: str, waited_ms: float = 0.0) -> ResourceExhausted:
+    def _refuse(self, rpc: str, waited_ms: float = 0.0, why: str = "") -> ResourceExhausted:
         self.shed[rpc] += 1
         record_shed(rpc)
         retry = self.cfg.retry_after_ms
         limit = self._rpc_limit[rpc]
-        why = (f"{self.by_rpc[rpc]} {rpc} calls in flight (limit {limit})" if self.by_rpc[rpc] >= limit
-               else f"{self.in_flight} calls in flight, no {RPC_CLASS[rpc]} slot free")
+        if not why:
+            why = (f"{self.by_rpc[rpc]} {rpc} calls in flight (limit {limit})" if self.by_rpc[rpc] >= limit
+                   else f"{self.in_flight} calls in flight, no {RPC_CLASS[rpc]} slot free")
         waited = f" after waiting {waited_ms:.0f} ms" if waited_ms else ""
         return ResourceExhausted(f"server overloaded: {why}{waited}; retry after {retry} ms (retry-after-ms)",
                                  retry_after_ms=retry)

@@ -19,11 +19,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from server import security
 from server.config import REPO_ROOT, Config
 from server.fallback import RobotSituation
 from server.observability import tracing
 from server.observability.logs import configure_logging
-from server.observability.metrics import MetricsServer, set_index_version
+from server.observability.metrics import MetricsServer, set_index_version, set_start_delay
 from server.pipeline.answer import AnswerRequest
 from server.proto import ADMIN_SERVICE_NAME, SERVICE_NAME
 from server.runtime import Runtime, build_runtime
@@ -50,7 +51,11 @@ class RunningServer:
     """The Prometheus /metrics listener when [observability] metrics is on (its port: metrics.port)."""
 
     async def stop(self, grace_s: float) -> None:
+        """Drain, then stop: health NOT_SERVING and new calls refused (UNAVAILABLE) at once; calls in flight
+        get `grace_s` to finish, then are cancelled (their cleanup runs); then models and pools close."""
         await self.health.enter_graceful_shutdown()
+        self.service.draining = True
+        await self.service.loop_lag.stop()
         if self.admin_server is not None:
             await self.admin_server.stop(grace_s)
         await self.server.stop(grace_s)
@@ -76,20 +81,28 @@ async def start_server(cfg: Config, runtime: Runtime | None = None) -> RunningSe
     """Build (unless given), bind, warm up, then flip health to SERVING. Used by `serve` and the tests."""
     opts = [("grpc.max_receive_message_length", cfg.server.max_message_bytes),
             ("grpc.max_send_message_length", cfg.server.max_message_bytes),
+            ("grpc.max_concurrent_streams", cfg.server.max_concurrent_streams),
             ("grpc.so_reuseport", 0)]
     tracing.configure(cfg.observability.tracing)  # a missing OpenTelemetry stops startup here, not later
+    # Certificates and tokens first: a missing file stops startup before minutes of index loading.
+    creds = security.main_port_credentials(cfg.security, cfg.resolve_path)
+    interceptors = security.interceptors(cfg.security, base=REPO_ROOT)
+    if cfg.security.tokens and creds is None and not security.is_loopback(cfg.server.host):
+        log.warning("security.tokens is set but the main port is plaintext on %s: tokens cross the network in "
+                    "clear; set security.tls_cert/tls_key unless a sidecar terminates TLS", cfg.server.host)
     auth = None
     if cfg.admin.enabled:
         # Credentials first: a missing token file stops startup before minutes of index loading.
         from server.index.auth import Authenticator
 
         auth = Authenticator.from_config(cfg.admin, base=REPO_ROOT)
-    server = grpc.aio.server(options=opts)
+    server = grpc.aio.server(options=opts, interceptors=interceptors)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    port = server.add_insecure_port(f"{cfg.server.host}:{cfg.server.port}")
+    bind = f"{cfg.server.host}:{cfg.server.port}"
+    port = server.add_secure_port(bind, creds) if creds is not None else server.add_insecure_port(bind)
     if port == 0:
         raise OSError(f"could not bind {cfg.server.host}:{cfg.server.port} (in use?); pick another with --port")
     rt = runtime if runtime is not None else await asyncio.get_running_loop().run_in_executor(None, build_runtime, cfg)
@@ -119,6 +132,8 @@ async def start_server(cfg: Config, runtime: Runtime | None = None) -> RunningSe
         await admin_server.start()
     service.ready = True
     warm_s = await warm_up(service)
+    service.loop_lag.start()
+    set_start_delay(service.admission.load.expected_delay_s if service.admission.load else None)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     host = cfg.server.host if ":" not in cfg.server.host else f"[{cfg.server.host}]"
@@ -145,14 +160,8 @@ def _admin_listener(cfg: Config, opts: list[tuple[str, Any]], admin: Any) -> tup
     srv.add_generic_rpc_handlers((admin.handlers(),))
     address = f"{cfg.server.host}:{a.port}"
     if a.tls_cert:
-        def pem(path: str) -> bytes:
-            try:
-                return cfg.resolve_path(path).read_bytes()
-            except OSError as e:
-                raise OSError(f"admin TLS: cannot read {cfg.resolve_path(path)} ({e.strerror})") from e
-
-        creds = grpc.ssl_server_credentials([(pem(a.tls_key), pem(a.tls_cert))], root_certificates=pem(a.client_ca),
-                                            require_client_auth=True)
+        creds = security.server_credentials(cfg.resolve_path(a.tls_cert), cfg.resolve_path(a.tls_key),
+                                            cfg.resolve_path(a.client_ca), "admin TLS")
         port = srv.add_secure_port(address, creds)
     else:
         port = srv.add_insecure_port(address)
@@ -165,7 +174,11 @@ def _admin_listener(cfg: Config, opts: list[tuple[str, Any]], admin: Any) -> tup
 
 async def serve(cfg: Config) -> None:
     running = await start_server(cfg)
-    print(f"snaprag serving on {running.address}  ({len(running.service.rt.kb)} passages, health SERVING)", flush=True)
+    sec = cfg.security
+    how = (" over mTLS" if sec.client_ca else " over TLS") if sec.tls_cert else ""
+    how += ", bearer token required" if sec.tokens else ""
+    print(f"snaprag serving on {running.address}{how}  ({len(running.service.rt.kb)} passages, health SERVING)",
+          flush=True)
     print(f"  try:  .venv/bin/snaprag ask --target {running.address} \"how do i reset my smart plug\"", flush=True)
     print(f"        .venv/bin/snaprag plan --target {running.address} --robot fl-004 --fault E202 --loaded",
           flush=True)
@@ -183,8 +196,11 @@ async def serve(cfg: Config) -> None:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    print("snaprag: draining (health NOT_SERVING, finishing in-flight calls)", file=sys.stderr, flush=True)
+    print(f"snaprag: draining (health NOT_SERVING, new calls refused, in-flight calls get up to "
+          f"{cfg.server.shutdown_grace_s:g} s)", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
     await running.stop(cfg.server.shutdown_grace_s)
+    print(f"snaprag: stopped after draining for {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
 
 
 def run_forever(cfg: Config) -> None:

@@ -19,6 +19,7 @@
     snaprag voice                      voice front end: KB questions as ASR partials, answers spoken as they come
     snaprag robot --rate 20            robot controller: Plans at a fixed rate, each validated
     snaprag bench                      load + SLO verdict against a server it starts (what `make bench` runs)
+    snaprag bench-overload             3x measured capacity, admission on vs off (make bench-overload)
 """
 
 from __future__ import annotations
@@ -141,6 +142,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="robot-controller simulator: Plans at a fixed rate with a 150 ms deadline, validated")
     sub.add_parser("bench", add_help=False,
                    help="open-loop load, per-stage percentiles, plots and a pass/fail SLO verdict (exit 1 on a miss)")
+    sub.add_parser("bench-overload", add_help=False,
+                   help="3x the measured capacity, admission control on vs off: admitted within SLO, rest refused fast")
     return ap
 
 
@@ -155,11 +158,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from server.generate.train_lora import main as train_lora_main
 
         return train_lora_main(rest)
-    if args.command in ("voice", "robot", "bench"):
+    if args.command in ("voice", "robot", "bench", "bench-overload"):
         if args.command == "voice":
             from clients.voice_sim import main as tool_main
         elif args.command == "robot":
             from clients.robot_sim import main as tool_main
+        elif args.command == "bench-overload":
+            from bench.overload import main as tool_main
         else:
             from bench.harness import main as tool_main
         return tool_main(rest)

@@ -36,11 +36,16 @@ class ServerConfig:
     """Threads for CPU-bound stage work (BM25 scoring, ONNX, local decoding) kept off the event loop.
     The native code releases the GIL, so one per core is the right default."""
     max_message_bytes: int = 1 << 20
-    """Largest request or response message accepted on the wire."""
+    """Largest request or response message accepted on the wire (bigger ones: RESOURCE_EXHAUSTED from gRPC).
+    Queries and texts have their own, smaller limits in [limits]."""
+    max_concurrent_streams: int = 128
+    """Most calls one client connection may have open at once (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS); more
+    wait in the client. Admission control ([admission]) bounds the whole server."""
     reflection: bool = True
     """Serve gRPC server reflection so grpcurl-style clients can discover the API."""
     shutdown_grace_s: float = 5.0
-    """On SIGTERM/SIGINT: health goes NOT_SERVING, in-flight calls get this long to finish."""
+    """On SIGTERM/SIGINT: health goes NOT_SERVING and new calls are refused (UNAVAILABLE, so clients retry
+    another replica); in-flight calls get this long to finish, then are cancelled and the process exits."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Log level of the server process."""
 
@@ -247,6 +252,22 @@ class GroundingConfig:
     on_unsupported: Literal["drop", "replace"] = "drop"
     """`drop`: leave the sentence out (the answer continues, marked DEGRADED); `replace`: discard the
     model answer and speak the extractive one, marked DEGRADED."""
+    filter_injections: bool = True
+    """Remove retrieved passage (and question) sentences that try to instruct the model (instruction
+    overrides, role markers, prompt-reveal requests, hidden HTML comments; server/generate/injection.py)
+    before the extractive answerer or a model sees them. The call's record lists what was removed."""
+    leak_guard: bool = True
+    """Refuse any model sentence that reproduces the system prompt or talks about its own instructions,
+    before it is spoken (every model backend; robot plan text parameters too)."""
+    leak_ngram: int = 3
+    """Word n-gram size the leak guard compares against the system prompts (>= 2)."""
+    leak_share: float = 0.5
+    """Share of a sentence's n-grams found in the system prompts that makes it a leak (at least two
+    shared; four shared leak whatever the share)."""
+    on_leak: Literal["drop", "replace"] = "replace"
+    """`replace`: a model that leaks is treated as compromised: before anything is spoken the extractive
+    answer replaces it, after that the answer stops there (DEGRADED either way); `drop`: leave the
+    sentence out and go on, like an ungrounded one (DEGRADED)."""
 
 
 @dataclass
@@ -307,6 +328,12 @@ class VoiceConfig:
     words (Jaccard); otherwise it retrieves again."""
     max_utterances: int = 64
     """Most utterances one Converse stream may carry."""
+    max_partials: int = 600
+    """Most partial transcripts per utterance (about a minute of speech at 10 per second); more is a stuck
+    recogniser, refused with INVALID_ARGUMENT."""
+    idle_timeout_s: float = 30.0
+    """A Converse stream with no message from the client for this long, while no answer is streaming, is
+    ended with DEADLINE_EXCEEDED so an abandoned stream cannot hold its voice slot forever."""
 
 
 @dataclass
@@ -333,8 +360,8 @@ class FallbackConfig:
 class AdminConfig:
     """The IndexAdmin gRPC service (protos/snaprag/v1/admin.proto): live upserts, deletes, snapshots and
     swaps. Off by default; when on, every call needs a bearer token or an mTLS client certificate that
-    maps to a role: `admin` (everything) or `read` (Stats only). The Assistant query service is not
-    affected (it stays open; TLS and auth for it are separate work)."""
+    maps to a role: `admin` (everything) or `read` (Stats only). The Assistant service's TLS and tokens are
+    [security]."""
 
     enabled: bool = False
     """Serve IndexAdmin and run the live index ([index]). Needs at least one token or client_roles entry."""
@@ -355,6 +382,29 @@ class AdminConfig:
     (mTLS), and a verified one whose common name is in client_roles authenticates without a token."""
     client_roles: list[str] = field(default_factory=list)
     """`ROLE:COMMON_NAME` entries mapping verified client certificates to roles, e.g. "admin:ops-cli"."""
+
+
+@dataclass
+class SecurityConfig:
+    """Transport security and caller authentication of the main port: the Assistant service, health,
+    reflection, and IndexAdmin when it shares the port (IndexAdmin also checks its own [admin] credentials).
+    Off by default: plaintext and open, which suits loopback and a node whose sidecar terminates TLS."""
+
+    tls_cert: str = ""
+    """PEM server certificate (chain). Set it with tls_key to serve the main port over TLS only."""
+    tls_key: str = ""
+    """PEM private key of tls_cert."""
+    client_ca: str = ""
+    """PEM CA bundle: when set (with tls_cert), every connection must present a client certificate that
+    chains to it (mutual TLS); others fail the handshake before any call."""
+    tokens: list[str] = field(default_factory=list)
+    """Bearer tokens the Assistant service accepts, as `env:VAR`, `file:PATH` or `sha256:HEX` (the token's
+    SHA-256), never the token itself. When set, every call except open_methods needs
+    `authorization: Bearer <token>` metadata, or is refused with UNAUTHENTICATED before its request is read.
+    Tokens shorter than 16 characters are refused at startup."""
+    open_methods: list[str] = field(default_factory=lambda: ["/grpc.health.v1.Health/Check",
+                                                             "/grpc.health.v1.Health/Watch"])
+    """Full method names that need no token (health probes from load balancers and orchestrators)."""
 
 
 @dataclass
@@ -466,6 +516,16 @@ class AdmissionConfig:
     """Longest a Retrieve call waits for a slot (0: refused at once when full)."""
     retry_after_ms: int = 50
     """The retry-after hint a refused call gets (trailing metadata `retry-after-ms`)."""
+    robot_max_delay_ms: float = 60.0
+    """Refuse a Plan at once when a call admitted now would wait longer than this to start its work: the
+    event loop's lag plus the CPU pool's queue (server/load.py). Slots bound calls in flight; this bounds
+    the queue they would sit in, which is what makes an admitted call late. The default is the robot
+    profile's retrieve budget: a Plan that cannot start its first stage within it is refused. 0 = no check."""
+    voice_max_delay_ms: float = 30.0
+    """The same for Ask and new Converse streams: lower than robot_max_delay_ms, so under CPU overload voice
+    is shed before the queue grows long enough to make robot Plans late."""
+    retrieve_max_delay_ms: float = 15.0
+    """The same for Retrieve: shed first."""
 
 
 @dataclass
@@ -527,6 +587,7 @@ class Config:
     limits: RequestLimits = field(default_factory=RequestLimits)
     fallback: FallbackConfig = field(default_factory=FallbackConfig)
     slo: SloConfig = field(default_factory=SloConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
@@ -569,6 +630,10 @@ class Config:
         if g.robot.backend == "extractive":
             raise ConfigError("generation.robot.backend: extractive cannot write plans; use none, local or "
                               "vllm")
+        if g.grounding.leak_ngram < 2:
+            raise ConfigError("generation.grounding.leak_ngram: must be >= 2 (single words are not quotes)")
+        if not 0.0 < g.grounding.leak_share <= 1.0:
+            raise ConfigError("generation.grounding.leak_share: must be in (0, 1]")
         for name, pol in (("voice", g.voice), ("robot", g.robot)):
             if pol.max_tokens < 1:
                 raise ConfigError(f"generation.{name}.max_tokens: must be >= 1")
@@ -580,8 +645,15 @@ class Config:
                 raise ConfigError(f"generation.local.adapters: {entry!r} must be NAME=DIR")
         if not 0.0 <= self.voice.early_retrieval_stability <= 1.0:
             raise ConfigError("voice.early_retrieval_stability: must be in [0, 1]")
+        if self.voice.max_utterances < 1 or self.voice.max_partials < 1 or self.voice.idle_timeout_s <= 0:
+            raise ConfigError("voice.max_utterances, voice.max_partials: must be >= 1; voice.idle_timeout_s: > 0")
+        if not 1 <= self.server.max_concurrent_streams <= 1 << 20:
+            raise ConfigError("server.max_concurrent_streams: must be in 1..1048576")
+        if self.server.max_message_bytes < 1024:
+            raise ConfigError("server.max_message_bytes: must be >= 1024")
         if not 0 <= self.observability.metrics_port <= 65535:
             raise ConfigError(f"observability.metrics_port: must be in 0..65535, got {self.observability.metrics_port}")
+        self._validate_security()
         self._validate_admin()
         self._validate_admission()
         return self
@@ -603,6 +675,21 @@ class Config:
                 raise ConfigError(f"faults.{stage}: {getattr(f, stage)!r} is for faults.backend only")
         if f.delay_ms < 0 or f.hang_max_s <= 0:
             raise ConfigError("faults.delay_ms must be >= 0 and faults.hang_max_s > 0")
+
+    def _validate_security(self) -> None:
+        s = self.security
+        if bool(s.tls_cert) != bool(s.tls_key):
+            raise ConfigError("security.tls_cert, security.tls_key: set both (TLS on the main port) or neither")
+        if s.client_ca and not s.tls_cert:
+            raise ConfigError("security.client_ca: mutual TLS needs TLS; set security.tls_cert and tls_key too")
+        for entry in s.tokens:
+            if not entry.startswith(("env:", "file:", "sha256:")):
+                raise ConfigError(f"security.tokens: entries must be env:VAR, file:PATH or sha256:HEX, never the "
+                                  f"token itself (got an entry starting {entry[:4]!r}…)")
+        for m in s.open_methods:
+            if not (m.startswith("/") and m.count("/") == 2):
+                raise ConfigError(f"security.open_methods: {m!r} must be a full method name, e.g. "
+                                  "/grpc.health.v1.Health/Check")
 
     def _validate_admin(self) -> None:
         a, ix = self.admin, self.index

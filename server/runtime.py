@@ -15,6 +15,7 @@ from server.fallback.rules import FaultCode, load_fault_codes
 from server.generate.base import Generator
 from server.generate.extractive import ExtractiveGenerator, idf_lookup
 from server.knowledge import KnowledgeBase, load_knowledge_base
+from server.load import CpuPool
 from server.retrieval.sparse import Filters, Hit, SparseRetriever
 from server.retrieval.text import Tokenizer
 
@@ -219,7 +220,8 @@ def build_runtime(cfg: Config) -> Runtime:
         terms = len(sparse.vocab)
     extractive = ExtractiveGenerator(tokenizer, idf, max_passages=cfg.generation.max_passages,
                                      min_support=cfg.generation.min_support)
-    cpu = ThreadPoolExecutor(max_workers=cfg.server.cpu_workers, thread_name_prefix="snaprag-cpu")
+    # CpuPool: a ThreadPoolExecutor that measures its own queue, for admission control (server/load.py).
+    cpu = CpuPool(max_workers=cfg.server.cpu_workers, thread_name_prefix="snaprag-cpu")
     backends = build_backends(cfg)
     faults = None
     if cfg.faults.enabled:  # fault injection (tests, bench): wrappers installed here, nowhere else

@@ -27,6 +27,7 @@ from server.errors import (
     grpc_errors,
 )
 from server.fallback import RobotSituation
+from server.load import CpuPool, LoadGauge, LoopLagProbe
 from server.observability.metrics import observe_retrieved
 from server.pipeline.answer import AnswerPipeline, AnswerRequest
 from server.pipeline.budget import Budget
@@ -81,8 +82,13 @@ class AssistantService:
         self.rt = rt
         self.answers = AnswerPipeline(rt)
         self.plans = PlanPipeline(rt)
-        self.admission = Admission(rt.cfg.admission)
+        # What admission reads besides slots: the event loop's lag and the CPU pool's queue (server/load.py).
+        self.loop_lag = LoopLagProbe()
+        self.admission = Admission(rt.cfg.admission,
+                                   LoadGauge(rt.cpu if isinstance(rt.cpu, CpuPool) else None, self.loop_lag))
         self.ready = False
+        self.draining = False
+        """Set on SIGTERM: new calls are refused with UNAVAILABLE while the ones in flight finish."""
 
     # ------------------------------------------------------------------ registration
     def handlers(self) -> grpc.GenericRpcHandler:
@@ -105,6 +111,8 @@ class AssistantService:
 
     def _begin(self, context: grpc.aio.ServicerContext) -> str:
         request_id = REQUEST_ID.get()
+        if self.draining:
+            raise Unavailable("the server is shutting down (draining); retry on another replica")
         if not self.ready:
             raise Unavailable("the server is still loading its models and index; retry in a few seconds")
         return request_id
@@ -239,6 +247,7 @@ class ConverseSession:
         self.early: asyncio.Task[list[Hit]] | None = None
         self.early_query = ""
         self.pending_partial = False  # partials seen for the current utterance, no final yet
+        self.partials = 0  # how many (voice.max_partials bounds them)
         self.tasks: set[asyncio.Task[Any]] = set()
         self.conversation = Conversation(self.cfg.generation.prompt.max_turns)
 
@@ -261,7 +270,7 @@ class ConverseSession:
     async def _read(self, request_iterator: Any) -> None:
         try:
             first = True
-            async for raw in request_iterator:
+            async for raw in self._messages(request_iterator):
                 msg: pb.ConverseRequest = _checked(raw)
                 kind = msg.WhichOneof("event")
                 if kind == "start":
@@ -284,6 +293,30 @@ class ConverseSession:
         except BaseException as e:  # handed to the response loop, which maps it to a status
             self.out.put_nowait(e)
 
+    async def _messages(self, request_iterator: Any) -> AsyncIterator[Any]:
+        """The client's messages. After voice.idle_timeout_s with none while no answer is streaming (the
+        client is not listening to anything), the stream ends with DEADLINE_EXCEEDED: an abandoned stream
+        must not hold its voice slot forever."""
+        it = request_iterator.__aiter__()
+        idle_s = self.cfg.voice.idle_timeout_s
+        pending: asyncio.Future[Any] | None = None
+        try:
+            while True:
+                pending = asyncio.ensure_future(it.__anext__())
+                while not (await asyncio.wait({pending}, timeout=idle_s))[0]:
+                    if self.answer is None or self.answer.done():
+                        raise DeadlineExpired(f"no message on this Converse stream for {idle_s:g} s "
+                                              "(voice.idle_timeout_s); open a stream per interaction")
+                try:
+                    msg = pending.result()
+                except StopAsyncIteration:
+                    return
+                pending = None
+                yield msg
+        finally:
+            if pending is not None and not pending.done():
+                pending.cancel()
+
     def _start(self, start: pb.SessionStart) -> None:
         _, self.profile = validation.profile(self.cfg, start.profile, "voice")
         self.filters = validation.filters(start.filters, self.svc.rt.kb, field="start.filters")
@@ -300,6 +333,10 @@ class ConverseSession:
             await self._barge_in()
         if not t.is_final:
             text = validation.bounded_text(t.text, "transcript.text", self.cfg.limits.max_query_chars)
+            self.partials += 1
+            if self.partials > self.cfg.voice.max_partials:
+                raise InvalidArgument("transcript", f"more than {self.cfg.voice.max_partials} partial transcripts "
+                                      "for one utterance (voice.max_partials); send is_final = true to end it")
             self.pending_partial = True
             self._maybe_retrieve_early(text, t.stability)
             return
@@ -315,6 +352,7 @@ class ConverseSession:
         utterance = self.utterance
         self.utterance += 1
         self.pending_partial = False
+        self.partials = 0
         self.early, self.early_query = None, ""
         self.answer = self._spawn(self._answer(areq, utterance))
 

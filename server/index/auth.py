@@ -8,20 +8,18 @@ digests, compared in constant time.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from server.config import AdminConfig, ConfigError
+from server.config import AdminConfig
 from server.errors import PermissionDenied, Unauthenticated
+from server.security import MIN_TOKEN_CHARS, resolve_token, token_digest
 
 Role = Literal["admin", "read"]
-MIN_TOKEN_CHARS = 16
-"""A shorter token is guessable; refused at startup."""
+__all__ = ["MIN_TOKEN_CHARS", "Authenticator", "Credential", "resolve_tokens"]
 
 
 @dataclass(frozen=True)
@@ -32,48 +30,15 @@ class Credential:
     """Where it came from ("env:SNAPRAG_ADMIN_TOKEN"), for logs; never the token."""
 
 
-def _digest(token: str) -> bytes:
-    return hashlib.sha256(token.encode("utf-8")).digest()
-
-
 def resolve_tokens(entries: list[str], env: Mapping[str, str] | None = None,
                    base: Path | None = None) -> list[Credential]:
     """`ROLE:env:VAR`, `ROLE:file:PATH`, `ROLE:sha256:HEX` -> credentials. ConfigError names the entry."""
-    env = os.environ if env is None else env
     out = []
     for entry in entries:
         role, _, source = entry.partition(":")
         kind, _, ref = source.partition(":")
-        where = f"admin.tokens entry {role}:{kind}:{ref}"
-        if kind == "env":
-            token = env.get(ref, "")
-            if not token:
-                raise ConfigError(f"{where}: environment variable {ref} is not set or empty; export the token "
-                                  "there or remove the entry")
-        elif kind == "file":
-            path = Path(ref) if Path(ref).is_absolute() or base is None else base / ref
-            try:
-                token = path.read_text(encoding="utf-8").strip()
-            except OSError as e:
-                raise ConfigError(f"{where}: cannot read {path} ({e.strerror}); write the token into it") from e
-            if not token:
-                raise ConfigError(f"{where}: {path} is empty; write the token into it")
-        elif kind == "sha256":
-            try:
-                digest = bytes.fromhex(ref)
-            except ValueError:
-                digest = b""
-            if len(digest) != 32:
-                raise ConfigError(f"{where}: expected 64 hex digits (sha256 of the token, e.g. "
-                                  "`printf %s TOKEN | sha256sum`)")
-            out.append(Credential(role, digest, f"{kind}:{ref[:8]}…"))  # type: ignore[arg-type]
-            continue
-        else:
-            raise ConfigError(f"{where}: source must be env:VAR, file:PATH or sha256:HEX")
-        if len(token) < MIN_TOKEN_CHARS:
-            raise ConfigError(f"{where}: the token has {len(token)} characters; use at least {MIN_TOKEN_CHARS} "
-                              "random ones (e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)")
-        out.append(Credential(role, _digest(token), f"{kind}:{ref}"))  # type: ignore[arg-type]
+        digest, origin = resolve_token(source, f"admin.tokens entry {role}:{kind}:{ref}", env, base)
+        out.append(Credential(role, digest, origin))  # type: ignore[arg-type]
     return out
 
 
@@ -101,7 +66,7 @@ class Authenticator:
             scheme, _, token = header.partition(" ")
             if scheme.lower() != "bearer" or not token.strip():
                 raise Unauthenticated("authorization metadata must be `Bearer <token>`")
-            presented = _digest(token.strip())
+            presented = token_digest(token.strip())
             role: Role | None = None
             for cred in self.credentials:  # compare against all, constant time each
                 if hmac.compare_digest(presented, cred.digest):

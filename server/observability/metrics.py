@@ -64,8 +64,12 @@ GENERATED_TOKENS = Counter("snaprag_generated_tokens", "Tokens generated for ans
                            "answered (0 for the extractive tier).", ["backend"], registry=REGISTRY)
 GROUNDING = Counter("snaprag_grounding_sentences", "Generated sentences by grounding-check result: spoken "
                     "(passed) or dropped (ungrounded, not spoken).", ["result"], registry=REGISTRY)
+AUTH_REFUSED = Counter("snaprag_auth_refused", "Calls refused for a missing or invalid bearer token "
+                       "(UNAUTHENTICATED), by RPC.", ["rpc"], registry=REGISTRY)
 SHED = Counter("snaprag_shed", "Requests refused by admission control (RESOURCE_EXHAUSTED) before any work.",
                ["rpc"], registry=REGISTRY)
+START_DELAY = Gauge("snaprag_start_delay_seconds", "How long work admitted now would wait to start: event-loop "
+                    "lag plus the CPU pool's queue (what admission control sheds on).", registry=REGISTRY)
 INDEX_VERSION = Gauge("snaprag_index_version", "Snapshot version of the index being served (1 for the static "
                       "index built at startup).", registry=REGISTRY)
 INDEX_VERSION.set(1)
@@ -111,6 +115,14 @@ def set_index_version(source: Callable[[], float] | None) -> None:
         INDEX_VERSION.set(1)
     else:
         INDEX_VERSION.set_function(source)
+
+
+def set_start_delay(source: Callable[[], float] | None) -> None:
+    """The gauge reads `source()` (server.load.LoadGauge.expected_delay_s) at each scrape."""
+    if source is None:
+        START_DELAY.set(0)
+    else:
+        START_DELAY.set_function(source)
 
 
 class MetricsServer:

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from clients.assistant import AssistantClient, transcript
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.e2e
@@ -70,8 +76,78 @@ def test_health_ask_plan_retrieve_through_the_cli(served: tuple[subprocess.Popen
     assert bad.returncode == 1 and "INVALID_ARGUMENT: k: must be in 1..100" in bad.stderr
 
 
-def test_sigterm_drains_and_exits_cleanly(served: tuple[subprocess.Popen[str], str]) -> None:
-    proc, _ = served
-    proc.send_signal(signal.SIGTERM)
+def test_sigterm_drains_under_load_and_exits_cleanly(served: tuple[subprocess.Popen[str], str]) -> None:
+    """SIGTERM while Plan traffic flows and a Converse stream is mid-utterance: health goes NOT_SERVING,
+    new calls are refused with UNAVAILABLE (retryable elsewhere), the open stream still gets its answer,
+    and the process exits 0 well inside the grace period."""
+    proc, address = served
+    codes_before, codes_after, events, health_seen = asyncio.run(_drain_scenario(proc, address))
     assert proc.wait(timeout=30) == 0
-    assert proc.stderr is not None and "draining" in proc.stderr.read()
+    assert proc.stderr is not None
+    err = proc.stderr.read()
+    assert "draining" in err and "stopped after draining" in err
+
+    assert codes_before and set(codes_before) == {grpc.StatusCode.OK}
+    assert codes_after and set(codes_after) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}
+    assert codes_after[-1] == grpc.StatusCode.UNAVAILABLE  # new work refused
+    final = next(ev.final for ev in events if ev.HasField("final"))
+    assert "plug" in final.answer_text.lower()  # the in-flight stream finished its answer
+    assert health_pb2.HealthCheckResponse.NOT_SERVING in health_seen
+
+
+async def _drain_scenario(proc: subprocess.Popen[str], address: str) -> tuple[list[Any], list[Any], list[Any],
+                                                                             list[Any]]:
+    client = AssistantClient(address, timeout_s=5.0, retries=0)
+    final_may_go = asyncio.Event()
+
+    async def utterance() -> AsyncIterator[Any]:
+        yield transcript("how do i reset my", is_final=False, sequence=1, stability=0.3)
+        await final_may_go.wait()
+        yield transcript("how do i reset my smart plug", is_final=True, sequence=2)
+
+    conv = asyncio.create_task(_collect(client.converse(utterance(), timeout_s=20)))
+    health_seen: list[Any] = []
+
+    async def watch_health() -> None:
+        async with grpc.aio.insecure_channel(address) as ch:
+            async for reply in health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest()):
+                health_seen.append(reply.status)
+                if reply.status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                    return  # a Watch left open would hold the drain for the whole grace period
+
+    watcher = asyncio.create_task(watch_health())
+    signalled = False
+    before: list[Any] = []
+    after: list[Any] = []
+
+    async def plan_load() -> None:  # ~50 Plan calls a second, open loop
+        async def one() -> None:
+            sent_after = signalled
+            try:
+                await client.plan("fl-004", fault_code="E202", carrying_load=True)
+                code = grpc.StatusCode.OK
+            except grpc.aio.AioRpcError as e:
+                code = e.code()
+            (after if sent_after else before).append(code)
+
+        calls = []
+        for _ in range(100):
+            calls.append(asyncio.create_task(one()))
+            await asyncio.sleep(0.02)
+        await asyncio.gather(*calls)
+
+    load = asyncio.create_task(plan_load())
+    await asyncio.sleep(0.8)
+    proc.send_signal(signal.SIGTERM)
+    signalled = True
+    await asyncio.sleep(0.3)
+    final_may_go.set()
+    events = await asyncio.wait_for(conv, 20)
+    await asyncio.wait_for(load, 30)
+    await asyncio.wait_for(watcher, 10)
+    await client.close()
+    return before, after, events, health_seen
+
+
+async def _collect(call: Any) -> list[Any]:
+    return [ev async for ev in call]

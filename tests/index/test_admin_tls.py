@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -10,34 +9,11 @@ from typing import Any
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from server.proto import admin_pb, admin_pb_grpc
+from tests.certs import issue, pem
 from tests.index.conftest import live_config
 from tests.index.test_admin_rpc import ap, error_of
-
-
-def _issue(cn: str, ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None, *, server: bool = False,
-           ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-    now = datetime.datetime.now(datetime.UTC)
-    b = (x509.CertificateBuilder().subject_name(name).issuer_name(ca[0].subject if ca else name)
-         .public_key(key.public_key()).serial_number(x509.random_serial_number())
-         .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-         .add_extension(x509.BasicConstraints(ca=ca is None, path_length=None), critical=True))
-    if server:
-        b = b.add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-    return b.sign(ca[1] if ca else key, hashes.SHA256()), key
-
-
-def _pem(cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> tuple[bytes, bytes]:
-    return (cert.public_bytes(serialization.Encoding.PEM),
-            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                              serialization.NoEncryption()))
 
 
 def _free_port() -> int:
@@ -48,9 +24,9 @@ def _free_port() -> int:
 
 @pytest.fixture
 async def tls_admin(tmp_path: Path, admin_server: Callable[..., Any]) -> AsyncIterator[Callable[..., Any]]:
-    ca = _issue("test-ca", None)
-    srv_cert, srv_key = _pem(*_issue("localhost", ca, server=True))
-    files = {"ca.pem": _pem(*ca)[0], "server.pem": srv_cert, "server.key": srv_key}
+    ca = issue("test-ca", None)
+    srv_cert, srv_key = pem(*issue("localhost", ca, server=True))
+    files = {"ca.pem": pem(*ca)[0], "server.pem": srv_cert, "server.key": srv_key}
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
     port = _free_port()
@@ -63,7 +39,7 @@ async def tls_admin(tmp_path: Path, admin_server: Callable[..., Any]) -> AsyncIt
     def connect(cn: str | None) -> Any:
         cert = key = None
         if cn is not None:
-            cert, key = _pem(*_issue(cn, ca))
+            cert, key = pem(*issue(cn, ca))
         creds = grpc.ssl_channel_credentials(root_certificates=files["ca.pem"], private_key=key,
                                              certificate_chain=cert)
         ch = grpc.aio.secure_channel(f"127.0.0.1:{port}", creds,
