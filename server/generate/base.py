@@ -30,6 +30,13 @@ class GenerationRecord:
     prompt_trims: tuple[str, ...] = ()
     stopped_reason: str = ""
     """Set when a model stream ended early after sentences were spoken (stall, failure)."""
+    leaks: list[str] = field(default_factory=list)
+    """One line per generated sentence the prompt-leak guard refused (it reproduced the system prompt or
+    talked about its instructions), with why; the sentence itself is never spoken."""
+    injections: list[str] = field(default_factory=list)
+    """One line per passage or question sentence the injection filter removed before answering (where,
+    which pattern, its start). Removed text is never spoken; the answer stays FULL when the rest of the
+    passages still answer the question."""
 
     @property
     def degraded_reason(self) -> str:
@@ -37,6 +44,8 @@ class GenerationRecord:
         parts = []
         if self.fallback_reason:
             parts.append(f"{self.fallback_reason}; answered by the {self.backend} tier")
+        if self.leaks:
+            parts.append(f"{len(self.leaks)} sentence(s) stopped by the prompt-leak guard")
         if self.ungrounded:
             parts.append(f"{len(self.ungrounded)} ungrounded sentence(s) not spoken")
         if self.stopped_reason:

@@ -10,8 +10,15 @@ is recorded in the call's `GenerationRecord`:
     a sentence the grounding check refuses -> dropped (or, with on_unsupported = "replace" and nothing
                                               spoken yet, the whole answer goes to the fallback tier)
     nothing grounded at all                -> fallback tier
+    a sentence the prompt-leak guard refuses (it reproduces the system prompt or talks about its
+    instructions) -> never spoken; with on_leak = "replace" (default) the model is treated as
+                                              compromised: fallback tier, or the answer stops there
     failure or stall after sentences were spoken -> the answer stops there (a spoken sentence cannot be
                                               taken back), marked DEGRADED with the reason
+
+Before either tier runs, the injection filter (injection.py) removes the passage and question sentences
+that try to instruct the model; both tiers, the citations and the grounding check see the screened
+passages, and the record lists every removal.
 
 The model's text is cut at sentence boundaries (TTS speaks whole sentences), its [n] markers are kept
 when they name a passage the Citations event announced, and a sentence without a marker cites the
@@ -22,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import re
 import time
@@ -33,7 +41,8 @@ from server.generate.backend import BackendError, DecodeLimits, StreamStats, Tex
 from server.generate.base import AnswerPiece, GenerationRequest, Source
 from server.generate.extractive import ExtractiveGenerator
 from server.generate.grounding import GroundingChecker, strip_markers
-from server.generate.prompt import PromptBuilder
+from server.generate.injection import InjectionFilter, PromptLeakGuard, Removal
+from server.generate.prompt import ROBOT_SYSTEM, VOICE_SYSTEM, PromptBuilder
 from server.generate.sentences import split_sentences
 
 log = logging.getLogger(__name__)
@@ -65,7 +74,8 @@ class PolicyGenerator:
 
     def __init__(self, policy: TaskPolicy, cfg: GenerationConfig, *, extractive: ExtractiveGenerator,
                  backend: TextBackend | None = None, prompts: PromptBuilder | None = None,
-                 grounding: GroundingChecker | None = None, cpu: Executor | None = None) -> None:
+                 grounding: GroundingChecker | None = None, cpu: Executor | None = None,
+                 leak_guard: PromptLeakGuard | None = None) -> None:
         if policy.backend in ("local", "vllm") and (backend is None or prompts is None):
             raise ValueError(f"policy backend {policy.backend!r} needs a backend and a prompt builder")
         self.policy = policy
@@ -76,13 +86,36 @@ class PolicyGenerator:
         self.grounding = grounding if cfg.grounding.enabled else None
         self.cpu = cpu
         self.name = self.backend.name if self.backend is not None else "extractive"
+        g = cfg.grounding
+        if leak_guard is None and (g.leak_guard or g.filter_injections):
+            system = prompts.system if prompts is not None else VOICE_SYSTEM
+            leak_guard = PromptLeakGuard(dict.fromkeys((system, VOICE_SYSTEM, ROBOT_SYSTEM)), n=g.leak_ngram,
+                                         share=g.leak_share)
+        self.leak_guard = leak_guard if g.leak_guard else None
+        self.injection = InjectionFilter(leak_guard) if g.filter_injections else None
+
+    def screen(self, request: GenerationRequest) -> tuple[GenerationRequest, list[Removal]]:
+        """`request` with the injection filter's removals applied to its question and passages, and the
+        removals. Deterministic, so `sources()` and `stream()` agree on the passage numbering."""
+        if self.injection is None:
+            return request, []
+        question, q_removed = self.injection.clean(request.question, "question")
+        passages, p_removed = self.injection.screen(request.passages)
+        removed = q_removed + p_removed
+        if not removed:
+            return request, []
+        return dataclasses.replace(request, question=question, passages=passages), removed
 
     def sources(self, request: GenerationRequest) -> list[Source]:
-        return self.extractive.sources(request)
+        return self.extractive.sources(self.screen(request)[0])
 
     async def stream(self, request: GenerationRequest) -> AsyncGenerator[AnswerPiece, None]:
         rec = request.record
-        if self.backend is None:
+        request, removed = self.screen(request)
+        if removed:
+            rec.injections.extend(r.describe() for r in removed)
+            log.warning("injection filter removed %d sentence(s): %s", len(removed), "; ".join(rec.injections)[:500])
+        if self.backend is None or not request.question.strip():
             rec.backend = "extractive"
             async for piece in self.extractive.stream(request):
                 yield piece
@@ -90,7 +123,13 @@ class PolicyGenerator:
         spoken = 0
         fallback_reason = ""
         try:
-            async with contextlib.aclosing(self._model(request)) as pieces:
+            guard = self.leak_guard
+            if guard is not None and removed:
+                # A model must not repeat what the filter took out either (it never saw it, unless the
+                # filter missed a copy elsewhere): the removed text's own n-grams are refused too.
+                guard = guard.quarantine([r.text for r in removed],
+                                         [request.question, *(h.passage.text for h in request.passages)])
+            async with contextlib.aclosing(self._model(request, guard)) as pieces:
                 async for piece in pieces:
                     spoken += 1
                     yield piece
@@ -104,7 +143,7 @@ class PolicyGenerator:
             fallback_reason = str(e)
         if spoken == 0 and not fallback_reason:
             fallback_reason = (f"{self.backend.name} produced no grounded sentence"
-                               if rec.ungrounded else f"{self.backend.name} produced no answer")
+                               if rec.ungrounded or rec.leaks else f"{self.backend.name} produced no answer")
         if fallback_reason:
             rec.fallback_reason = fallback_reason
             rec.backend = "extractive"
@@ -112,11 +151,12 @@ class PolicyGenerator:
             async for piece in self.extractive.stream(request):
                 yield piece
 
-    async def _model(self, request: GenerationRequest) -> AsyncGenerator[AnswerPiece, None]:
+    async def _model(self, request: GenerationRequest,
+                     guard: PromptLeakGuard | None) -> AsyncGenerator[AnswerPiece, None]:
         assert self.backend is not None and self.prompts is not None
         rec, policy = request.record, self.policy
         rec.backend, rec.model, rec.adapter = self.backend.name, policy.model, policy.adapter
-        sources = self.sources(request)
+        sources = self.extractive.sources(request)  # `request` is screened already
         passages = list(request.passages[: len(sources)])
         prompt = self.prompts.build(request.question, passages, turns=request.turns, summary=request.summary)
         rec.prompt_trims = prompt.trimmed
@@ -146,7 +186,7 @@ class PolicyGenerator:
                     buffer += delta.text
                 ready, buffer = complete_sentences(buffer, final=done)
                 for sentence in ready:
-                    piece = await self._checked(sentence, request, len(sources), spoken)
+                    piece = await self._checked(sentence, request, len(sources), spoken, guard)
                     if piece is None:
                         continue
                     spoken += 1
@@ -157,13 +197,25 @@ class PolicyGenerator:
             with contextlib.suppress(Exception):
                 await deltas.aclose()
 
-    async def _checked(self, sentence: str, request: GenerationRequest, n_sources: int,
-                       spoken: int) -> AnswerPiece | None:
+    async def _checked(self, sentence: str, request: GenerationRequest, n_sources: int, spoken: int,
+                       guard: PromptLeakGuard | None) -> AnswerPiece | None:
         """The sentence as it will be spoken, or None when the grounding check drops it."""
         text, markers = strip_markers(sentence)
         if not text or not any(c.isalnum() for c in text):
             return None
         markers = tuple(m for m in markers if 1 <= m <= n_sources)
+        if guard is not None:
+            # Before grounding, and whatever grounding says: an injected passage can make a leak look
+            # supported, and the system prompt is never spoken.
+            why = guard.check(text)
+            if why:
+                request.record.leaks.append(f"{text[:60]!r}: {why}")
+                log.warning("prompt-leak guard stopped a sentence: %s", why)
+                if self.cfg.grounding.on_leak == "replace":
+                    if spoken == 0:
+                        raise _NeedFallback(f"prompt-leak guard: a sentence {why}")
+                    raise BackendError(f"a sentence {why}", kind="prompt_leak")
+                return None
         if self.grounding is not None:
             passages = list(request.passages[:n_sources])
             loop = asyncio.get_running_loop()

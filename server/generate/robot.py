@@ -3,12 +3,15 @@
 Output is JSON constrained to the action vocabulary (`ActionVocabulary.json_schema()`, enforced by
 vLLM's structured outputs; a backend without constrained decoding just generates and is checked the
 same way). Whatever comes back is parsed, validated against the vocabulary and the safety invariants,
-and given the same load-holding rule as a retrieved procedure. Anything that fails raises
+and given the same load-holding rule as a retrieved procedure. The retrieved passage goes through the
+injection filter first, and a text parameter (a message, a reason) that reproduces the system prompt
+fails the plan like any other invalid output (server/generate/injection.py). Anything that fails raises
 `PlanModelError` with the reason; the plan pipeline then keeps the retrieved procedure (or the rules).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Mapping
 
@@ -16,7 +19,8 @@ from server.config import GenerationConfig, TaskPolicy
 from server.fallback import RobotSituation
 from server.fallback.rules import FaultCode
 from server.generate.backend import DecodeLimits, StreamStats, TextBackend, guarded
-from server.generate.prompt import ROBOT_SYSTEM, PromptBuilder, approx_tokens
+from server.generate.injection import InjectionFilter, PromptLeakGuard
+from server.generate.prompt import ROBOT_SYSTEM, VOICE_SYSTEM, PromptBuilder, approx_tokens
 from server.retrieval.sparse import Hit
 from server.robot_plan import ActionVocabulary, PlanStep, PlanValidationError, check_plan_safety, hold_load_after_stop
 
@@ -34,6 +38,10 @@ class RobotPlanModel:
         self.prompts = PromptBuilder(cfg.prompt, count_tokens, system=ROBOT_SYSTEM)
         self.schema = vocabulary.json_schema()
         self.last_stats: StreamStats | None = None
+        g = cfg.grounding
+        guard = PromptLeakGuard((ROBOT_SYSTEM, VOICE_SYSTEM), n=g.leak_ngram, share=g.leak_share)
+        self.leak_guard = guard if g.leak_guard else None
+        self.injection = InjectionFilter(guard) if g.filter_injections else None
 
     def situation_text(self, s: RobotSituation, procedure: tuple[PlanStep, ...], fault: FaultCode | None) -> str:
         steps = json.dumps({"steps": [st.as_dict() for st in procedure]}, separators=(",", ":"))
@@ -46,6 +54,11 @@ class RobotPlanModel:
                     time_s: float) -> tuple[PlanStep, ...]:
         """The model's plan for `s`, validated; raises PlanModelError. Runs under `time_s` for the first
         token (the stage's own timeout bounds the whole call)."""
+        if self.injection is not None:
+            screened, _ = self.injection.screen([hit])
+            # A passage that was all injection leaves the procedure JSON (in `extra`) to go on.
+            hit = screened[0] if screened else dataclasses.replace(hit, passage=dataclasses.replace(hit.passage,
+                                                                                                   text=""))
         prompt = self.prompts.build("Write the recovery plan for this robot now.", [hit],
                                     extra=self.situation_text(s, procedure, fault))
         limits = DecodeLimits(max_tokens=self.policy.max_tokens, first_token_s=time_s, stall_s=time_s,
@@ -69,6 +82,12 @@ class RobotPlanModel:
             steps = self.vocabulary.parse_steps(raw)
         except PlanValidationError as e:
             raise PlanModelError(f"model plan outside the action vocabulary: {e}") from None
+        if self.leak_guard is not None:
+            for step in steps:
+                for name, value in step.params.items():
+                    why = self.leak_guard.check(value) if isinstance(value, str) else ""
+                    if why:
+                        raise PlanModelError(f"model plan rejected: {step.action}.{name} {why}")
         if s.carrying_load:
             steps = hold_load_after_stop(steps)
         problems = self.vocabulary.validate(steps) + check_plan_safety(

@@ -213,8 +213,9 @@ def log_generation(record: GenerationRecord) -> None:
     """One line per generation call: which tier answered, how fast, and why it fell back (seed 002)."""
     if record.backend:
         log.info("generation backend=%s model=%s adapter=%s ttft_ms=%.1f tokens=%d fallback=%r ungrounded=%d "
-                 "trims=%d", record.backend, record.model or "-", record.adapter or "-", record.ttft_ms,
-                 record.tokens, record.fallback_reason, len(record.ungrounded), len(record.prompt_trims))
+                 "leaks=%d injections_removed=%d trims=%d", record.backend, record.model or "-",
+                 record.adapter or "-", record.ttft_ms, record.tokens, record.fallback_reason,
+                 len(record.ungrounded), len(record.leaks), len(record.injections), len(record.prompt_trims))
 
 
 def _intent_filter(filters: Filters) -> str | None:
