@@ -22,6 +22,7 @@ builder puts around it.
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from collections.abc import Iterable, Sequence
@@ -203,8 +204,11 @@ class InjectionFilter:
     """Removes the sentences of passages (and questions) that try to instruct the model. With a
     `guard`, a passage sentence that quotes the system prompt is removed as well."""
 
-    def __init__(self, guard: PromptLeakGuard | None = None) -> None:
+    def __init__(self, guard: PromptLeakGuard | None = None, cache_size: int = 8192) -> None:
         self.guard = guard
+        # Screening runs on the event loop for every answer, twice (sources and stream), over passages that
+        # repeat from request to request: memoised per (text, where), ~1 ms per 5 passages becomes a lookup.
+        self._clean = functools.lru_cache(maxsize=cache_size)(self._clean_uncached)
 
     def kind(self, sentence: str) -> str:
         kind = injection_kind(sentence)
@@ -215,6 +219,10 @@ class InjectionFilter:
     def clean(self, text: str, where: str = "") -> tuple[str, list[Removal]]:
         """`text` with hidden regions and flagged sentences removed, and what was removed. Text with
         nothing to remove comes back unchanged (the same object)."""
+        cleaned, removed = self._clean(text, where)
+        return (text if cleaned == text else cleaned), list(removed)
+
+    def _clean_uncached(self, text: str, where: str) -> tuple[str, tuple[Removal, ...]]:
         removed: list[Removal] = []
         work = strip_format_chars(text)
         for rx in (_HTML_COMMENT, _MD_COMMENT):
@@ -234,8 +242,8 @@ class InjectionFilter:
                 else:
                     kept.append(sentence)
         if not removed and work == text:
-            return text, []
-        return " ".join(kept), removed
+            return text, ()
+        return " ".join(kept), tuple(removed)
 
     def screen(self, passages: Sequence[Hit]) -> tuple[list[Hit], list[Removal]]:
         """The passages with flagged sentences removed (a passage left empty is dropped), and the
