@@ -97,9 +97,17 @@ def new_request_id(context: grpc.aio.ServicerContext | None = None) -> str:
     return uuid.uuid4().hex[:16]
 
 
+MAX_DETAILS_CHARS = 2048
+"""Status messages go back as a trailer; clients drop trailers over ~8-16 KiB and report RESOURCE_EXHAUSTED
+instead, so a message quoting a huge input must be cut."""
+
+
 def status_for(exc: BaseException, request_id: str) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, SnapragError):
-        return exc.code, str(exc)
+        msg = str(exc)
+        if len(msg) > MAX_DETAILS_CHARS:
+            msg = msg[:MAX_DETAILS_CHARS - 20] + f"… ({len(msg)} chars)"
+        return exc.code, msg
     log.exception("internal error (request %s)", request_id, exc_info=exc)
     return grpc.StatusCode.INTERNAL, f"internal error (request id {request_id}); the server log has the details"
 

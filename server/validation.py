@@ -8,6 +8,18 @@ from server.config import Config, ProfileConfig
 from server.errors import InvalidArgument
 from server.knowledge import FILTER_FIELDS, KnowledgeBase
 
+SHOWN_CHARS = 64
+"""At most this much of a caller's value is echoed in an error message: the message travels back as the
+grpc-message trailer, and one over the peer's metadata limit (8 KiB soft, 16 KiB hard by default) makes the
+client see RESOURCE_EXHAUSTED "received metadata size exceeds ..." instead of our status."""
+
+
+def shown(value: str, limit: int = SHOWN_CHARS) -> str:
+    """`value` quoted for an error message, cut to `limit` characters (with its full length) when longer."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}… ({len(value)} characters)"
+
 
 def query_text(value: str, field: str, max_chars: int) -> str:
     text = value.strip()
@@ -31,7 +43,7 @@ def profile(cfg: Config, name: str, default: str) -> tuple[str, ProfileConfig]:
     chosen = name.strip() or default
     if chosen not in cfg.profiles:
         valid = ", ".join(sorted(cfg.profiles))
-        raise InvalidArgument("profile", f"unknown profile {chosen!r}; valid profiles: {valid}")
+        raise InvalidArgument("profile", f"unknown profile {shown(chosen)}; valid profiles: {valid}")
     return chosen, cfg.profiles[chosen]
 
 
@@ -48,7 +60,8 @@ def filters(raw: Mapping[str, object], kb: KnowledgeBase, field: str = "filters"
     out: dict[str, list[str]] = {}
     for key in sorted(raw):
         if key not in FILTER_FIELDS:
-            raise InvalidArgument(f"{field}", f"unknown filter field {key!r}; valid fields: {', '.join(FILTER_FIELDS)}")
+            raise InvalidArgument(f"{field}", f"unknown filter field {shown(key)}; valid fields: "
+                                  f"{', '.join(FILTER_FIELDS)}")
         values = [v.strip() for v in getattr(raw[key], "values", [])]
         if not values:
             raise InvalidArgument(f"{field}[{key}]", "has no values; send at least one or leave the field out")
@@ -56,7 +69,7 @@ def filters(raw: Mapping[str, object], kb: KnowledgeBase, field: str = "filters"
         for v in values:
             if v not in known:
                 listed = ", ".join(sorted(known))
-                raise InvalidArgument(f"{field}[{key}]", f"unknown value {v!r}; known values: {listed}")
+                raise InvalidArgument(f"{field}[{key}]", f"unknown value {shown(v)}; known values: {listed}")
         out[key] = values
     return out
 

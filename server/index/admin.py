@@ -27,6 +27,8 @@ from server.proto import ADMIN_SERVICE_NAME, admin_pb
 from server.wire import MalformedRequest, safe_deserializer
 
 T = TypeVar("T")
+MAX_VERSION_CHARS = 32
+"""Longer is no snapshot version (v000002); refused before it could be echoed back in a NOT_FOUND message."""
 _INDEXED = re.compile(r"^passages\[(\d+)\]")
 
 
@@ -177,6 +179,9 @@ class IndexAdminService:
     async def Swap(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[admin_pb.IndexJobEvent]:
         self.auth.require(context, "admin", "Swap")
         req: admin_pb.SwapRequest = _checked(request)
+        if len(req.version.strip()) > MAX_VERSION_CHARS:  # before the job starts: a refusal records no failure
+            raise InvalidArgument("version", f"is {len(req.version.strip())} characters; name a snapshot version "
+                                  "like v000002 (`snaprag index stats` lists them), or leave it empty for the newest")
         self.live.begin_job("swap")
         ok, failure = False, "swap cancelled or interrupted (the live index is unchanged)"
         loop = asyncio.get_running_loop()
