@@ -14,8 +14,9 @@ A Converse stream holds one voice slot while it is open.
 
 Slots bound how many calls are in flight, not how late they will be: before taking a slot, a call is refused
 at once when work admitted now would wait longer than its class's `*_max_delay_ms` to start (event-loop lag
-plus the CPU pool's queue, server/load.py). The lower classes have lower limits, so under CPU overload
-Retrieve is shed first, then voice, and the queue stays short enough for robot Plans.
+plus the CPU-pool jobs that would run before it, server/load.py). The pool runs jobs by class, so a robot's
+retrieval waits only behind robot work: under CPU overload Retrieve's wait grows first, then voice's, and
+they are shed before robot Plans are.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Any
 
 from server.config import AdmissionConfig
 from server.errors import ResourceExhausted
-from server.load import LoadGauge
+from server.load import CLASS_PRIORITY, WORK_CLASS, LoadGauge
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,11 @@ class Admission:
         self.by_rpc[rpc] += 1
         return Ticket(self, rpc)
 
+    @staticmethod
+    def classify(rpc: str) -> None:
+        """The CPU jobs the current call submits from now on run at its class's priority (server/load.py)."""
+        WORK_CLASS.set(CLASS_PRIORITY[RPC_CLASS[rpc]])
+
     def try_admit(self, rpc: str) -> Ticket | None:
         """A slot now, or None (no waiting). Always a ticket when admission is disabled."""
         if not self.cfg.enabled:
@@ -124,10 +130,11 @@ class Admission:
         if self.load is not None and self.cfg.enabled:
             limit = self._max_delay_s[RPC_CLASS[rpc]]
             if limit > 0:
-                delay = self.load.expected_delay_s()
+                delay = self.load.expected_delay_s(CLASS_PRIORITY[RPC_CLASS[rpc]])
                 if delay > limit:
                     raise self._refuse(rpc, why=f"work admitted now would wait ~{delay * 1000:.0f} ms to start "
                                                 f"({self.load.describe()}; {rpc} limit {limit * 1000:g} ms)")
+        self.classify(rpc)
         ticket = self.try_admit(rpc)
         if ticket is not None:
             return ticket

@@ -208,6 +208,7 @@ def run_forever(cfg: Config) -> None:
 
     # Text or JSON lines, each with the request id; emails, phone and card numbers redacted (always).
     configure_logging(cfg.server.log_level, cfg.observability.log_format, sys.stderr)
+    sys.setswitchinterval(cfg.server.gil_switch_interval_ms / 1000)
     # httpx logs every request to vLLM at INFO: one line per generated answer drowns the server's own log.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     uvloop.run(serve(cfg))

@@ -221,7 +221,7 @@ def build_runtime(cfg: Config) -> Runtime:
     extractive = ExtractiveGenerator(tokenizer, idf, max_passages=cfg.generation.max_passages,
                                      min_support=cfg.generation.min_support)
     # CpuPool: a ThreadPoolExecutor that measures its own queue, for admission control (server/load.py).
-    cpu = CpuPool(max_workers=cfg.server.cpu_workers, thread_name_prefix="snaprag-cpu")
+    cpu = CpuPool(max_workers=cfg.server.cpu_workers, thread_name_prefix="snaprag-cpu", nice=cfg.server.cpu_nice)
     backends = build_backends(cfg)
     faults = None
     if cfg.faults.enabled:  # fault injection (tests, bench): wrappers installed here, nowhere else

@@ -15,9 +15,46 @@ import pytest
 from server.admission import Admission
 from server.config import AdmissionConfig, Config
 from server.errors import ResourceExhausted
-from server.load import CpuPool, LoadGauge, LoopLagProbe
+from server.load import WORK_CLASS, CpuPool, LoadGauge, LoopLagProbe
 from server.proto import pb
 from tests.faults.conftest import rpc_error
+
+
+def test_cpu_pool_runs_jobs_by_class() -> None:
+    pool = CpuPool(max_workers=1, job_s=0.001)
+    gate = threading.Event()
+    order: list[str] = []
+    try:
+        blocker = pool.submit(gate.wait, 5)
+        deadline = time.monotonic() + 2
+        while pool.running < 1 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        futures = []
+        for cls, name in ((2, "retrieve-1"), (1, "voice-1"), (2, "retrieve-2"), (0, "robot-1"), (1, "voice-2")):
+            token = WORK_CLASS.set(cls)
+            try:
+                futures.append(pool.submit(order.append, name))
+            finally:
+                WORK_CLASS.reset(token)
+        assert pool.waiting_by_class == [1, 2, 2]
+        # A robot job waits only behind robot work (and the running job); Retrieve behind everything.
+        assert pool.expected_wait_s(0) < pool.expected_wait_s(1) < pool.expected_wait_s(2)
+        gate.set()
+        for f in (blocker, *futures):
+            f.result(timeout=5)
+        assert order == ["robot-1", "voice-1", "voice-2", "retrieve-1", "retrieve-2"]
+
+        def boom() -> None:
+            raise ValueError("inside a job")
+
+        with pytest.raises(ValueError, match="inside a job"):
+            pool.submit(boom).result(timeout=5)  # errors reach the caller; the worker lives on
+        assert pool.submit(lambda: 7).result(timeout=5) == 7
+    finally:
+        gate.set()
+        pool.shutdown(wait=True)
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        pool.submit(print)
 
 
 def test_cpu_pool_counts_its_queue_and_learns_job_time() -> None:
@@ -67,7 +104,7 @@ class FixedDelay:
     def __init__(self, delay_s: float) -> None:
         self.delay_s = delay_s
 
-    def expected_delay_s(self) -> float:
+    def expected_delay_s(self, cls: int = 2) -> float:
         return self.delay_s
 
     def describe(self) -> str:
