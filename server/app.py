@@ -55,10 +55,19 @@ class RunningServer:
         get `grace_s` to finish, then are cancelled (their cleanup runs); then models and pools close."""
         await self.health.enter_graceful_shutdown()
         self.service.draining = True
+        t_end = time.monotonic() + grace_s
+        # Keep the port open while admitted calls finish (and for at least `shutdown_refuse_s`): a call that
+        # arrives now is refused by our handler with UNAVAILABLE, which clients retry elsewhere. Once the gRPC
+        # server itself stops, a call that has reached it but no handler yet is dropped as CANCELLED, which a
+        # client cannot tell from its own cancellation.
+        hold_until = time.monotonic() + min(grace_s, self.service.rt.cfg.server.shutdown_refuse_s)
+        while time.monotonic() < t_end and (self.service.admission.in_flight > 0 or time.monotonic() < hold_until):
+            await asyncio.sleep(0.01)
         await self.service.loop_lag.stop()
+        left = max(0.0, t_end - time.monotonic())
         if self.admin_server is not None:
-            await self.admin_server.stop(grace_s)
-        await self.server.stop(grace_s)
+            await self.admin_server.stop(left)
+        await self.server.stop(left)
         if self.metrics is not None:
             self.metrics.close()
         if self.owns_runtime:

@@ -50,6 +50,11 @@ class ServerConfig:
     shutdown_grace_s: float = 5.0
     """On SIGTERM/SIGINT: health goes NOT_SERVING and new calls are refused (UNAVAILABLE, so clients retry
     another replica); in-flight calls get this long to finish, then are cancelled and the process exits."""
+    shutdown_refuse_s: float = 0.5
+    """Within the grace period, how long the port at least stays open after NOT_SERVING, refusing new calls
+    with UNAVAILABLE, before the gRPC server closes it. Clients and load balancers that have not yet seen
+    NOT_SERVING get a status they retry elsewhere instead of a cancelled call. Raise it to your load balancer's
+    health-check interval."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Log level of the server process."""
     gil_switch_interval_ms: float = 1.0

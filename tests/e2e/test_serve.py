@@ -30,8 +30,11 @@ def _snaprag() -> list[str]:
 
 @pytest.fixture(scope="module")
 def served() -> Iterator[tuple[subprocess.Popen[str], str]]:
+    # Delay-based shedding is off here: on a CPU-starved CI box it rightly refuses some of the drain test's
+    # 50 Plans/s with RESOURCE_EXHAUSTED, which is not what that test is about (tests/faults/test_load.py is).
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "GRPC_VERBOSITY": "ERROR",
-           "SNAPRAG__OBSERVABILITY__METRICS_PORT": "0"}
+           "SNAPRAG__OBSERVABILITY__METRICS_PORT": "0", "SNAPRAG__ADMISSION__ROBOT_MAX_DELAY_MS": "0",
+           "SNAPRAG__ADMISSION__VOICE_MAX_DELAY_MS": "0", "SNAPRAG__ADMISSION__RETRIEVE_MAX_DELAY_MS": "0"}
     proc = subprocess.Popen([*_snaprag(), "serve", "--host", "127.0.0.1", "--port", "0"], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     address = ""
@@ -66,7 +69,9 @@ def test_health_ask_plan_retrieve_through_the_cli(served: tuple[subprocess.Popen
 
     ask = _cli("ask", "--target", address, "how do i reset my smart plug")
     assert ask.returncode == 0, ask.stderr
-    assert "mode=FULL" in ask.stdout and "Smart Plug" in ask.stdout and "retrieve=" in ask.stdout
+    assert "Smart Plug" in ask.stdout and "retrieve=" in ask.stdout
+    # FULL, unless a starved CI box made retrieval miss its budget: then the CLI must show the fallback and why.
+    assert "mode=FULL" in ask.stdout or ("MISSED_BUDGET" in ask.stdout and "fallback=" in ask.stdout), ask.stdout
 
     plan = _cli("plan", "--target", address, "--robot", "fl-004", "--fault", "E202", "--loaded")
     assert plan.returncode == 0, plan.stderr
@@ -81,22 +86,38 @@ def test_sigterm_drains_under_load_and_exits_cleanly(served: tuple[subprocess.Po
     new calls are refused with UNAVAILABLE (retryable elsewhere), the open stream still gets its answer,
     and the process exits 0 well inside the grace period."""
     proc, address = served
-    codes_before, codes_after, events, health_seen = asyncio.run(_drain_scenario(proc, address))
+    calls, signalled_at, events, health_seen = asyncio.run(_drain_scenario(proc, address))
     assert proc.wait(timeout=30) == 0
     assert proc.stderr is not None
     err = proc.stderr.read()
     assert "draining" in err and "stopped after draining" in err
 
-    assert codes_before and set(codes_before) == {grpc.StatusCode.OK}
-    assert codes_after and set(codes_after) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}
-    assert codes_after[-1] == grpc.StatusCode.UNAVAILABLE  # new work refused
+    # A call answered before the signal was served normally. A call sent before the signal may still reach
+    # the server after it (the request is in the client's or the kernel's queue on a loaded box), so calls in
+    # flight at the signal and calls sent after it may each be answered or refused as retryable (UNAVAILABLE).
+    # One exception, gRPC's and not ours (grpc/grpc#41785): a call that reaches the gRPC server in the instant
+    # it closes, before any handler took it, is dropped as CANCELLED. The server keeps its port open, refusing
+    # with UNAVAILABLE, for server.shutdown_refuse_s (0.5 s) first, so that race can only hit calls sent later.
+    def allowed(sent: float, code: Any) -> bool:
+        return code in (grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE) or (
+            code == grpc.StatusCode.CANCELLED and sent >= signalled_at + 0.4)
+
+    done_before = [code for sent, done, code in calls if done < signalled_at]
+    late = [code for sent, done, code in calls if sent >= signalled_at + 1.0]
+    assert done_before and set(done_before) == {grpc.StatusCode.OK}
+    odd = [(round(sent - signalled_at, 3), round(done - signalled_at, 3), code) for sent, done, code in calls
+           if not allowed(sent, code)]
+    assert not odd, f"calls ended otherwise than OK or UNAVAILABLE (times from the signal): {odd}"
+    assert late and grpc.StatusCode.OK not in late and grpc.StatusCode.UNAVAILABLE in late  # new work refused
     final = next(ev.final for ev in events if ev.HasField("final"))
     assert "plug" in final.answer_text.lower()  # the in-flight stream finished its answer
     assert health_pb2.HealthCheckResponse.NOT_SERVING in health_seen
 
 
-async def _drain_scenario(proc: subprocess.Popen[str], address: str) -> tuple[list[Any], list[Any], list[Any],
-                                                                             list[Any]]:
+async def _drain_scenario(proc: subprocess.Popen[str], address: str
+                          ) -> tuple[list[tuple[float, float, Any]], float, list[Any], list[Any]]:
+    """Returns every Plan call as (sent, answered, code) on the monotonic clock, the moment SIGTERM was sent,
+    the Converse stream's events and the health statuses a Watch saw."""
     client = AssistantClient(address, timeout_s=5.0, retries=0)
     final_may_go = asyncio.Event()
 
@@ -116,37 +137,36 @@ async def _drain_scenario(proc: subprocess.Popen[str], address: str) -> tuple[li
                     return  # a Watch left open would hold the drain for the whole grace period
 
     watcher = asyncio.create_task(watch_health())
-    signalled = False
-    before: list[Any] = []
-    after: list[Any] = []
+    signalled_at = float("inf")
+    calls: list[tuple[float, float, Any]] = []
 
-    async def plan_load() -> None:  # ~50 Plan calls a second, open loop
+    async def plan_load() -> None:  # ~50 Plan calls a second for 3 s, open loop
         async def one() -> None:
-            sent_after = signalled
+            sent = time.monotonic()
             try:
                 await client.plan("fl-004", fault_code="E202", carrying_load=True)
                 code = grpc.StatusCode.OK
             except grpc.aio.AioRpcError as e:
                 code = e.code()
-            (after if sent_after else before).append(code)
+            calls.append((sent, time.monotonic(), code))
 
-        calls = []
-        for _ in range(100):
-            calls.append(asyncio.create_task(one()))
+        tasks = []
+        for _ in range(150):
+            tasks.append(asyncio.create_task(one()))
             await asyncio.sleep(0.02)
-        await asyncio.gather(*calls)
+        await asyncio.gather(*tasks)
 
     load = asyncio.create_task(plan_load())
     await asyncio.sleep(0.8)
+    signalled_at = time.monotonic()
     proc.send_signal(signal.SIGTERM)
-    signalled = True
     await asyncio.sleep(0.3)
     final_may_go.set()
     events = await asyncio.wait_for(conv, 20)
     await asyncio.wait_for(load, 30)
     await asyncio.wait_for(watcher, 10)
     await client.close()
-    return before, after, events, health_seen
+    return calls, signalled_at, events, health_seen
 
 
 async def _collect(call: Any) -> list[Any]:

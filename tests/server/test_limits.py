@@ -86,3 +86,32 @@ async def test_idle_converse_stream_is_ended(make_server: Callable[..., Any], co
 async def _collect_into(call: Any, out: list[Any]) -> None:
     async for ev in call:
         out.append(ev)
+
+
+async def test_draining_server_refuses_with_unavailable_while_its_port_stays_open(
+        make_server: Callable[..., Any], config: Config) -> None:
+    """After SIGTERM's stop() begins, new calls meet our handler's UNAVAILABLE ("draining"), which clients
+    retry elsewhere, for server.shutdown_refuse_s, and not gRPC's own stop, which would drop a call arriving
+    at that instant as CANCELLED (grpc/grpc#41785). A call already running finishes; stop() then returns well
+    inside the grace period."""
+    running, client = await make_server(_with(config, "server", shutdown_refuse_s=0.6))
+    stream = client.ask_stream("how do i reset my smart plug").__aiter__()
+    first = await stream.__anext__()  # the call is admitted and answering
+
+    async def rest() -> list[Any]:
+        return [first] + [ev async for ev in stream]
+
+    in_flight = asyncio.create_task(rest())
+    t0 = asyncio.get_running_loop().time()
+    stopping = asyncio.create_task(running.stop(5.0))
+    await asyncio.sleep(0.05)
+    refused = []
+    while asyncio.get_running_loop().time() - t0 < 0.4:
+        refused.append(await rpc_error(client.plan("fl-004", fault_code="E202", carrying_load=True)))
+        await asyncio.sleep(0.05)
+    assert refused and {e.code() for e in refused} == {grpc.StatusCode.UNAVAILABLE}
+    assert all("draining" in (e.details() or "") for e in refused)
+    events = await in_flight
+    assert any(ev.HasField("final") for ev in events)  # the admitted call finished normally
+    await stopping
+    assert 0.6 <= asyncio.get_running_loop().time() - t0 < 4.0
