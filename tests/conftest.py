@@ -14,15 +14,17 @@ from server.config import Config, load_config
 from server.runtime import Runtime, build_runtime
 
 
+# No delay-based shedding in servers the tests start: there the client shares the server's event loop and CI
+# machines are shared, so loop lag would shed calls the tests expect answered. tests/faults/test_admission.py
+# and tests/faults/test_load.py cover that check with their own configs.
+NO_DELAY_SHEDDING = ["admission.robot_max_delay_ms=0", "admission.voice_max_delay_ms=0",
+                     "admission.retrieve_max_delay_ms=0"]
+
+
 @pytest.fixture(scope="session")
 def config() -> Config:
     # Free ports only: the metrics listener too (its default, 9464, is for `make run`).
-    # No delay-based shedding: in tests the client shares the server's event loop and CI machines are
-    # shared, so loop lag would shed calls the tests expect answered. tests/faults/test_admission.py
-    # covers that check with its own config.
-    return load_config(overrides=["server.port=0", "observability.metrics_port=0",
-                                  "admission.robot_max_delay_ms=0", "admission.voice_max_delay_ms=0",
-                                  "admission.retrieve_max_delay_ms=0"], env={})
+    return load_config(overrides=["server.port=0", "observability.metrics_port=0", *NO_DELAY_SHEDDING], env={})
 
 
 @pytest.fixture(scope="session")

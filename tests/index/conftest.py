@@ -20,6 +20,7 @@ from server.config import Config, load_config
 from server.index.live import LiveIndex
 from server.knowledge import Passage
 from server.retrieval.text import Tokenizer
+from tests.conftest import NO_DELAY_SHEDDING
 
 ADMIN_TOKEN = "admin-token-0123456789abcdef"
 READ_TOKEN = "read-token-0123456789abcdef"
@@ -88,7 +89,7 @@ def live_config(tmp: Path, n: int = 120, **overrides: Any) -> Config:
     sets = [f"knowledge_base.paths=[\"{kb}\"]", f"index.root=\"{tmp / 'root'}\"", "admin.enabled=true",
             f"admin.tokens=[\"admin:sha256:{sha(ADMIN_TOKEN)}\", \"read:sha256:{sha(READ_TOKEN)}\"]",
             "index.golden_splits=[\"dev\"]", "server.port=0", "index.builder_nice=0", "index.ingest_nice=0",
-            "index.builder_threads=1"]
+            "index.builder_threads=1", *NO_DELAY_SHEDDING]
     sets += [f"{k.replace('__', '.')}={v}" for k, v in overrides.items()]
     return load_config(overrides=sets, env={})
 
