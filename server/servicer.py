@@ -314,7 +314,11 @@ class ConverseSession:
                 pending = None
                 yield msg
         finally:
-            if pending is not None and not pending.done():
+            if pending is not None:
+                # The read may end by itself as we cancel it (gRPC's reader can finish with StopAsyncIteration
+                # instead of CancelledError): mark its outcome seen either way, so the loop does not log
+                # "Task exception was never retrieved" at exit.
+                pending.add_done_callback(_outcome_seen)
                 pending.cancel()
 
     def _start(self, start: pb.SessionStart) -> None:
@@ -411,6 +415,11 @@ class ConverseSession:
             return self.early
         self.early.cancel()
         return None
+
+
+def _outcome_seen(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 def _overlap(a: list[str], b: list[str]) -> float:
