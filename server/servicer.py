@@ -462,7 +462,8 @@ def _generation_pb(ev: FinalEvent) -> pb.GenerationInfo:
         return pb.GenerationInfo(backend=ev.generator)
     return pb.GenerationInfo(backend=r.backend or ev.generator, model=r.model, adapter=r.adapter, ttft_ms=r.ttft_ms,
                              tokens=r.tokens, fallback_reason=r.fallback_reason,
-                             ungrounded_dropped=len(r.ungrounded), prompt_trims=list(r.prompt_trims))
+                             ungrounded_dropped=len(r.ungrounded), prompt_trims=list(r.prompt_trims),
+                             leaks_refused=len(r.leaks), injections_removed=len(r.injections))
 
 
 def _param_pb(value: Any) -> pb.ParamValue:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
@@ -126,7 +127,7 @@ class AnswerPipeline:
                                         stage_budget_s=gen_window, trace=trace, mandatory=True)
             except StageMissed as miss:
                 async for ev in self._fallback(req, trace, first, miss.timing, Mode.FALLBACK, early_used,
-                                               new_timings()):
+                                               new_timings(), record):
                     yield ev
                 return
             for ev in new_timings():
@@ -134,7 +135,7 @@ class AnswerPipeline:
             if piece is None:
                 why = StageTiming("generate", 0.0, 0.0, Outcome.OK,
                                   "no retrieved sentence supports an answer to the question")
-                async for ev in self._fallback(req, trace, first, why, Mode.DEGRADED, early_used, []):
+                async for ev in self._fallback(req, trace, first, why, Mode.DEGRADED, early_used, [], record):
                     yield ev
                 return
             while piece is not None:
@@ -172,8 +173,11 @@ class AnswerPipeline:
                          generation=record)
 
     async def _fallback(self, req: AnswerRequest, trace: Trace, budget: Budget, cause: StageTiming, mode: Mode,
-                        early_used: bool, pending: list[TimingEvent]) -> AsyncIterator[AnswerEvent]:
-        """The fallback planner's spoken answer, after the timings not yet sent (`pending`)."""
+                        early_used: bool, pending: list[TimingEvent],
+                        record: GenerationRecord | None = None) -> AsyncIterator[AnswerEvent]:
+        """The fallback planner's spoken answer, after the timings not yet sent (`pending`). `record` is the
+        generator's, when it ran before the fallback took over: what it found (injections removed, leaks
+        refused) still reaches the caller."""
         for ev in pending:
             yield ev
         t0 = time.perf_counter()
@@ -190,7 +194,8 @@ class AnswerPipeline:
             else f"{cause.detail}; answered by the fallback planner"
         yield FinalEvent(mode=mode, reason=reason, missed_stage=missed, timings=list(trace.timings),
                          answer_text=" ".join(sentences), generator="fallback", total_ms=budget.elapsed_ms(),
-                         first_chunk_ms=first_chunk_ms, early_retrieval_used=early_used)
+                         first_chunk_ms=first_chunk_ms, early_retrieval_used=early_used,
+                         generation=None if record is None else dataclasses.replace(record, backend="fallback"))
 
 
 class InvalidPiece(ValueError):

@@ -316,6 +316,8 @@ async def test_ask_streams_no_injected_text(make_server: Any, runtime: Runtime, 
     assert not spoken_violations(case, answer.text), answer.text
     assert not spoken_violations(case, answer.final.answer_text)
     assert all(not spoken_violations(case, c.snippet) for c in answer.citations)
+    assert answer.final.generation.injections_removed >= 1  # the caller sees that something was removed
+    assert answer.final.generation.leaks_refused == 0
     if case["kind"] == "passage":
         assert answer.mode == "FULL" and all(c in _kb_sentences(runtime) for c in answer.chunks)
 
@@ -327,3 +329,4 @@ async def test_ask_with_a_compromised_model_is_degraded(make_server: Any, runtim
     answer = await client.ask(case["question"])
     assert answer.chunks and not spoken_violations(case, answer.text), answer.text
     assert answer.mode == "DEGRADED" and "prompt-leak guard" in answer.final.reason
+    assert answer.final.generation.leaks_refused >= 1 and answer.final.generation.injections_removed >= 1
