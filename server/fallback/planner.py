@@ -53,6 +53,10 @@ from server.robot_plan import (
 RECORDED_RULE_ID: Final = "safe.recorded"
 # record_safe_plan is fed by clients; bound the memory it can take (oldest robot forgotten first).
 MAX_RECORDED_ROBOTS: Final = 4096
+MEMO_SIZE: Final = 4096
+"""Robot situations whose plan is remembered. A fleet reports the same few faults and states over and over
+(the Plan handler asks the planner first on every call, on the event loop); the memo is emptied when full
+and whenever a recorded safe plan changes what an unmatched situation gets."""
 
 # "E202", "e202", " E202 ", "E-202", "E 202"; NFKC folds full-width letters and digits first.
 _FAULT_CODE = re.compile(r"E[\s_-]?(\d{3})")
@@ -96,6 +100,8 @@ class FallbackPlanner:
         "_default_answer",
         "_families",
         "_intent_defaults",
+        "_memo",
+        "_memo_epoch",
         "_model_names",
         "_record_lock",
         "_recorded",
@@ -121,6 +127,8 @@ class FallbackPlanner:
         # robot key -> (plan for an empty robot, plan for a loaded one); insertion order = age
         self._recorded: dict[str, tuple[tuple[PlanStep, ...], tuple[PlanStep, ...]]] = {}
         self._record_lock = threading.Lock()
+        self._memo: dict[RobotSituation, FallbackPlan] = {}
+        self._memo_epoch = 0  # bumped by record_safe_plan: a plan computed before it is not remembered
 
     @classmethod
     def load(
@@ -141,6 +149,22 @@ class FallbackPlanner:
     # --- robot plans ---------------------------------------------------------------------------
 
     def plan(self, situation: RobotSituation) -> FallbackPlan:
+        """The rule plan for `situation`: the same situation always gets the same plan (until a recorded
+        safe plan changes), so it is remembered."""
+        try:
+            found = self._memo.get(situation)
+        except TypeError:  # a field of an unhashable type (untrusted input): plan it without the memo
+            return self._plan(situation)
+        if found is None:
+            epoch = self._memo_epoch
+            found = self._plan(situation)
+            if len(self._memo) >= MEMO_SIZE:
+                self._memo.clear()
+            if epoch == self._memo_epoch:
+                self._memo[situation] = found
+        return found
+
+    def _plan(self, situation: RobotSituation) -> FallbackPlan:
         robot_key = _robot_key(situation.robot_id)
         model = self._model_of(robot_key)
         loaded = bool(situation.carrying_load)  # anything truthy is a load: hold_load is never harmful
@@ -196,6 +220,8 @@ class FallbackPlanner:
             if len(self._recorded) >= MAX_RECORDED_ROBOTS:
                 del self._recorded[next(iter(self._recorded))]
             self._recorded[key] = (empty, loaded)
+            self._memo_epoch += 1  # plans that fell back to this robot's safe plan change
+            self._memo.clear()
         return True
 
     def safe_plan(self, robot_id: str, *, carrying_load: bool = False) -> tuple[PlanStep, ...]:

@@ -33,9 +33,9 @@ def _code(context: Any, exc: BaseException | None) -> str:
 
 
 def _done(rpc: str, mode: str | None, code: str, t0: float) -> None:
-    metrics.REQUESTS.labels(rpc, mode or "NONE", code).inc()
-    metrics.REQUEST_LATENCY.labels(rpc, code).observe(time.perf_counter() - t0)
-    metrics.IN_FLIGHT.labels(rpc).dec()
+    metrics.child(metrics.REQUESTS, rpc, mode or "NONE", code).inc()
+    metrics.child(metrics.REQUEST_LATENCY, rpc, code).observe(time.perf_counter() - t0)
+    metrics.child(metrics.IN_FLIGHT, rpc).dec()
 
 
 def observed(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -43,7 +43,7 @@ def observed(method: Callable[..., Any]) -> Callable[..., Any]:
     if inspect.isasyncgenfunction(method):
         @functools.wraps(method)
         async def stream(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            metrics.IN_FLIGHT.labels(rpc).inc()
+            metrics.child(metrics.IN_FLIGHT, rpc).inc()
             t0, mode, err = time.perf_counter(), None, None
             try:
                 with tracing.rpc_span(rpc):
@@ -59,7 +59,7 @@ def observed(method: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(method)
     async def unary(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        metrics.IN_FLIGHT.labels(rpc).inc()
+        metrics.child(metrics.IN_FLIGHT, rpc).inc()
         t0, mode, err = time.perf_counter(), None, None
         try:
             with tracing.rpc_span(rpc):

@@ -237,6 +237,20 @@ def test_recorded_plan_is_the_safe_plan(vocabulary: ActionVocabulary) -> None:
     assert not planner.record_safe_plan("", good)
 
 
+def test_remembered_plans_follow_a_recorded_safe_plan_and_survive_odd_input(vocabulary: ActionVocabulary) -> None:
+    planner = FallbackPlanner.load(vocabulary=vocabulary)
+    unmatched = RobotSituation("amr-201", state="idle")  # no rule: the model family's safe plan
+    first = planner.plan(unmatched)
+    assert planner.plan(RobotSituation("amr-201", state="idle")) is first  # remembered
+    good = (PlanStep("stop"), PlanStep("wait", {"seconds": 5.0}), PlanStep("return_to_dock"))
+    assert planner.record_safe_plan("amr-201", good)
+    after = planner.plan(unmatched)
+    assert after.steps == good and after.rule_id != first.rule_id  # not the remembered plan from before
+    # Untrusted fields of unhashable types still get a plan (the memo is skipped), the same one each time.
+    odd = RobotSituation("amr-201", state=["person", "ahead"])  # type: ignore[arg-type]
+    assert planner.plan(odd) == planner.plan(odd)
+
+
 def actions_of(steps: Sequence[PlanStep]) -> list[str]:
     return [step.action for step in steps]
 

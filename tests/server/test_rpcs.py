@@ -140,3 +140,15 @@ async def test_plan_step_conversion_round_trip() -> None:
     assert _param_pb(1.5).WhichOneof("kind") == "number"
     assert _param_pb("A12").WhichOneof("kind") == "text"
     assert PlanStep("wait", {"seconds": 2.0}).params["seconds"] == 2.0
+
+
+def test_remembered_step_messages_keep_each_value_type() -> None:
+    # 5 == 5.0 == True in Python; the remembered wire form of one must not be served for another.
+    from server.servicer import _steps_pb
+
+    kinds = [_steps_pb((PlanStep("wait", {"seconds": v}),))[0].params["seconds"].WhichOneof("kind")
+             for v in (5, 5.0, True, 5, 5.0)]
+    assert kinds == ["integer", "number", "text", "integer", "number"]
+    first = _steps_pb((PlanStep("stop"), PlanStep("wait", {"seconds": 2})))
+    assert _steps_pb((PlanStep("stop"), PlanStep("wait", {"seconds": 2}))) is first  # remembered
+    assert [s.action for s in first] == ["stop", "wait"]
