@@ -5,6 +5,8 @@ Three pieces, all deterministic (regular expressions and n-gram sets, no model):
 * `normalise()` folds the usual disguises before anything is matched: NFKC (full-width letters,
   ligatures), format characters removed (zero-width space / joiner, soft hyphen, bidi controls, tag
   characters), common Cyrillic and Greek look-alikes mapped to Latin, case and whitespace folded.
+  `injection_kind` also reads each sentence with leetspeak folded ("1gn0re") and with letter spacing
+  squeezed ("i g n o r e").
 * `InjectionFilter` flags sentences of retrieved passages (and of the question) that address the
   model rather than the reader: instruction overrides ("ignore previous instructions"), role
   reassignment ("you are now...", "developer mode"), chat-template role markers ("<|im_start|>system",
@@ -98,12 +100,55 @@ _HTML_COMMENT = re.compile(r"<!--.*?(?:-->|$)", re.DOTALL)
 _MD_COMMENT = re.compile(r"^\s*\[//\]:\s*#.*$", re.MULTILINE)
 
 
+# Digits and symbols standing in for letters ("1gn0re", "pr3v10us", "$ystem"). Folded only inside a word
+# that also has a letter, and only for matching: fault codes ("E202") and prices stay as they are.
+_LEET = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "@": "a", "$": "s"})
+_LEET_WORD = re.compile(r"(?<![\w@$])(?=[\w@$]*[a-z])(?=[\w@$]*[0-9@$])[\w@$]+")
+# Letter spacing ("i g n o r e  a l l  p r e v i o u s"): a run of single characters, each followed by one
+# separator. The run is squeezed into a word; a wider gap (two spaces, " / ") still separates words.
+_SPACED_RUN = re.compile(r"(?<![\w@$])(?:[a-z0-9@$][ .\-_*·]){3,}[a-z0-9@$](?![\w@$])")
+_SPACED_SEP = re.compile(r"[ .\-_*·]")
+# A run squeezed with no gaps at all ("ignoreallpreviousinstructions") loses its word boundaries, so the
+# patterns above cannot read it; these catch the giveaway phrases inside it.
+_SQUEEZED = re.compile(
+    r"(?:ignore|disregard|forget|override|bypass)\w{0,30}?(?:instructions?|rules|prompts?|guidelines|context)"
+    r"|systemprompt|developermode|jailbr[eo]a?k|youarenow|fromnowon|revealyour|printyour")
+
+
+def _unleet(norm: str) -> str:
+    return _LEET_WORD.sub(lambda m: m.group(0).translate(_LEET), norm)
+
+
+def _despaced(text: str) -> tuple[str, list[str]]:
+    """`text` (lower-cased, NFKC, before spaces are folded) with letter-spaced runs squeezed, and the runs."""
+    runs: list[str] = []
+
+    def squeeze(m: re.Match[str]) -> str:
+        runs.append(_SPACED_SEP.sub("", m.group(0)))
+        return runs[-1]
+
+    return _SPACED_RUN.sub(squeeze, text), runs
+
+
 def injection_kind(text: str) -> str:
-    """The name of the first injection pattern `text` matches, or '' when it reads as plain content."""
+    """The name of the first injection pattern `text` matches, or '' when it reads as plain content.
+    Matched as written, with leetspeak folded, and with letter spacing squeezed."""
     norm = normalise(text)
-    for name, rx in _PATTERNS:
-        if rx.search(norm):
-            return name
+    variants = [norm]
+    if any(c.isdigit() or c in "@$" for c in norm):
+        variants.append(_unleet(norm))
+    runs: list[str] = []
+    if " " in text:
+        spaced = strip_format_chars(unicodedata.normalize("NFKC", text)).lower().translate(_HOMOGLYPHS)
+        squeezed, runs = _despaced(spaced)
+        if runs:
+            variants.append(_unleet(_SPACE.sub(" ", squeezed).strip()))
+    for variant in dict.fromkeys(variants):
+        for name, rx in _PATTERNS:
+            if rx.search(variant):
+                return name
+    if any(_SQUEEZED.search(_unleet(run)) for run in runs):
+        return "letter-spaced instruction"
     return ""
 
 

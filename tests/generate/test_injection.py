@@ -305,7 +305,8 @@ class InjectingRetriever:
         return hits
 
 
-GRPC_CASES = ["p-override-door-code", "p-chatml-system", "p-homoglyph", "q-reveal-prompt", "q-mixed-reveal"]
+GRPC_CASES = ["p-override-door-code", "p-chatml-system", "p-homoglyph", "p-leetspeak", "p-letter-spaced",
+              "q-reveal-prompt", "q-mixed-reveal"]
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c["id"] in GRPC_CASES], ids=case_id)
