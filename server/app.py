@@ -52,7 +52,8 @@ class RunningServer:
 
     async def stop(self, grace_s: float) -> None:
         """Drain, then stop: health NOT_SERVING and new calls refused (UNAVAILABLE) at once; calls in flight
-        get `grace_s` to finish, then are cancelled (their cleanup runs); then models and pools close."""
+        get `grace_s` to finish, then are cancelled (their cleanup runs); then models and pools close. The
+        port stays open, refusing, until the admitted calls are done and `server.shutdown_refuse_s` passed."""
         await self.health.enter_graceful_shutdown()
         self.service.draining = True
         t_end = time.monotonic() + grace_s
